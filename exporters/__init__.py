@@ -1,0 +1,1 @@
+"""Policy exporters: ONNX, safetensors; parity checks; sealing and publishing."""

@@ -1,0 +1,1 @@
+"""The gRPC inference server: protocol, repository, backends, registry, security, metrics."""

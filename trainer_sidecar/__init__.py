@@ -1,0 +1,1 @@
+"""Training sidecar: SB3 training, checkpoints, evaluation gate, promotion."""
