@@ -1,0 +1,1 @@
+"""Triton's GRPCInferenceService over the stubs tritonclient ships: servicer, tensors, types."""

@@ -1,0 +1,1 @@
+"""Loaded models and versions, and the atomic swap between them."""

@@ -1,0 +1,1 @@
+"""The repository contract shared by the server and the exporters: layout, config, publishing."""

@@ -1,0 +1,1 @@
+"""How a request reaches its backend: directly, or (later) through a dynamic batcher."""

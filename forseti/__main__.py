@@ -1,0 +1,5 @@
+import sys
+
+from forseti.cli import main
+
+sys.exit(main())

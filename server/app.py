@@ -1,0 +1,153 @@
+"""Start the gRPC server and the metrics endpoint, run until SIGTERM/SIGINT, drain, exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from tritonclient.grpc import service_pb2_grpc as pbg
+
+from forseti.server.metrics import start_metrics_server
+from forseti.server.protocol.servicer import ServerState, TritonServicer
+from forseti.server.registry.model_registry import ModelRegistry
+from forseti.server.security.keyring import Keyring, KeyringError, load_keyring
+
+log = logging.getLogger(__name__)
+
+CONTROL_MODES = ("none", "poll", "explicit")
+
+
+@dataclass
+class ServerOptions:
+    """Everything `forseti serve` can be told."""
+
+    model_repository: Path
+    keyring: Path | None = None
+    grpc_address: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 8002
+    allow_metrics: bool = True
+    control_mode: str = "none"
+    poll_secs: float = 15.0
+    load_models: list[str] = field(default_factory=list)
+    allow_plaintext: bool = False
+    strict_readiness: bool = True
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_batch_size: int = 4096
+    exit_timeout_secs: float = 30.0
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says what to fix."""
+
+
+def _open_keyring(options: ServerOptions) -> Keyring | None:
+    if options.keyring is None:
+        if not options.allow_plaintext:
+            log.warning("no --keyring given: sealed artifacts cannot be opened")
+        return None
+    try:
+        return load_keyring(options.keyring)
+    except KeyringError as exc:
+        raise StartupError(str(exc)) from None
+
+
+async def _initial_load(registry: ModelRegistry, options: ServerOptions) -> None:
+    if options.control_mode == "poll":
+        await registry.poll_once()
+    elif options.control_mode == "none" or "*" in options.load_models:
+        await registry.load_all()
+    else:
+        for name in options.load_models:
+            try:
+                await registry.load_model(name)
+            except Exception as exc:
+                log.warning("startup load failed", extra={"model": name, "error": str(exc)})
+
+
+async def _poll_forever(registry: ModelRegistry, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await registry.poll_once()
+        except Exception:
+            log.exception("repository poll failed")
+
+
+async def serve(options: ServerOptions) -> int:
+    """Run the server until a stop signal; returns the process exit code."""
+    if options.control_mode not in CONTROL_MODES:
+        raise StartupError(f"--model-control-mode must be one of {', '.join(CONTROL_MODES)}")
+    if not options.model_repository.is_dir():
+        raise StartupError(f"model repository {options.model_repository} is not a folder")
+    keyring = _open_keyring(options)
+    registry = ModelRegistry(
+        options.model_repository.resolve(),
+        keyring,
+        options.allow_plaintext,
+        max_batch_size=options.max_batch_size,
+    )
+    state = ServerState(
+        strict_readiness=options.strict_readiness, control_mode=options.control_mode
+    )
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", options.max_request_bytes),
+            ("grpc.max_send_message_length", -1),
+            # A second server on the same port must fail, not share it silently.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pbg.add_GRPCInferenceServiceServicer_to_server(TritonServicer(registry, state), server)
+    address = f"{options.grpc_address}:{options.grpc_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
+    await server.start()
+    log.info("grpc listening", extra={"address": address})
+    if options.allow_metrics:
+        try:
+            start_metrics_server(registry, options.metrics_address, options.metrics_port)
+        except OSError as exc:
+            await server.stop(None)
+            raise StartupError(
+                f"cannot serve metrics on {options.metrics_address}:{options.metrics_port}: "
+                f"{exc.strerror}"
+            ) from None
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await _initial_load(registry, options)
+    state.started = True
+    log.info("server ready", extra={"mode": options.control_mode, "models": len(registry.models)})
+    poller = None
+    if options.control_mode == "poll":
+        poller = asyncio.create_task(_poll_forever(registry, options.poll_secs))
+
+    await stop.wait()
+    log.info("stopping: finishing running requests", extra={"grace_s": options.exit_timeout_secs})
+    state.stopping = True
+    if poller is not None:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+    await server.stop(options.exit_timeout_secs)
+    registry.release_all()
+    log.info("stopped")
+    return 0
+
+
+def run(options: ServerOptions) -> int:
+    """Blocking entry point for the CLI."""
+    return asyncio.run(serve(options))

@@ -1,0 +1,143 @@
+"""onnxruntime backend: sessions built from in-memory bytes, tuned for batch-1 latency."""
+
+from __future__ import annotations
+
+import logging
+import queue
+
+import numpy as np
+import onnxruntime as ort
+from tritonclient.grpc import model_config_pb2 as mc
+
+from forseti.server.errors import ModelLoadError
+from forseti.server.protocol.datatypes import ORT_TYPE_NAMES
+from forseti.server.repository.config import ModelSpec, TensorSpec, parameter
+
+log = logging.getLogger(__name__)
+
+
+def choose_providers(config: mc.ModelConfig, available: list[str]) -> list[str]:
+    """Execution providers allowed by the config's instance_group and present in this build."""
+    kinds = {g.kind for g in config.instance_group} or {mc.ModelInstanceGroup.KIND_AUTO}
+    wants_gpu = mc.ModelInstanceGroup.KIND_GPU in kinds
+    cpu_only = kinds == {mc.ModelInstanceGroup.KIND_CPU}
+    accelerators = {
+        a.name for a in config.optimization.execution_accelerators.gpu_execution_accelerator
+    }
+    providers: list[str] = []
+    if not cpu_only:
+        if "tensorrt" in accelerators and "TensorrtExecutionProvider" in available:
+            providers.append("TensorrtExecutionProvider")
+        if "CUDAExecutionProvider" in available:
+            providers.append("CUDAExecutionProvider")
+    if wants_gpu and not providers:
+        raise ModelLoadError(
+            "instance_group asks for KIND_GPU but onnxruntime has no GPU execution provider "
+            f"here (available: {', '.join(available)})"
+        )
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+def instance_count(config: mc.ModelConfig) -> int:
+    """Total instances over the config's instance groups (Triton's default is one)."""
+    total = sum(max(g.count, 1) for g in config.instance_group)
+    return max(total, 1)
+
+
+def _session_options(config: mc.ModelConfig) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    # One intra-op thread: a batch-1 policy decision is microseconds of work, and waking a
+    # thread pool costs more than it saves. Triton's parameter names override.
+    so.intra_op_num_threads = int(parameter(config, "intra_op_thread_count", "1") or 1)
+    so.inter_op_num_threads = int(parameter(config, "inter_op_thread_count", "1") or 1)
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Never write an optimised copy of the model or a profile: no plaintext on disk.
+    so.optimized_model_filepath = ""
+    so.enable_profiling = False
+    so.log_severity_level = 3
+    return so
+
+
+def _dims_compatible(model_dims: list, spec: TensorSpec, max_batch_size: int) -> bool:
+    """Config dims fit the model's: a fixed model dim must be matched exactly by the config."""
+    want = ([-1] if max_batch_size > 0 else []) + list(spec.dims)
+    if len(model_dims) != len(want):
+        return False
+    for position, (got, expected) in enumerate(zip(model_dims, want, strict=True)):
+        fixed = got if isinstance(got, int) and got > 0 else None
+        if fixed is None:
+            continue
+        if position == 0 and max_batch_size > 0:
+            # Only a batch-of-one model may fix its batch dimension.
+            if not (fixed == 1 and max_batch_size == 1):
+                return False
+        elif expected != fixed:
+            return False
+    return True
+
+
+def check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
+    """Refuse a model whose inputs/outputs disagree with the config."""
+    model_inputs = {i.name: i for i in session.get_inputs()}
+    model_outputs = {o.name: o for o in session.get_outputs()}
+    for kind, declared, actual in (
+        ("input", spec.inputs, model_inputs),
+        ("output", spec.outputs, model_outputs),
+    ):
+        for name, ts in declared.items():
+            node = actual.get(name)
+            if node is None:
+                raise ModelLoadError(
+                    f"config {kind} '{name}' is not in the model; model has {sorted(actual)}"
+                )
+            got = ORT_TYPE_NAMES.get(node.type, node.type)
+            if got != ts.ttype.name:
+                raise ModelLoadError(
+                    f"{kind} '{name}': config says {ts.ttype.name}, model has {got}"
+                )
+            if not _dims_compatible(list(node.shape), ts, spec.max_batch_size):
+                raise ModelLoadError(
+                    f"{kind} '{name}': config shape {ts.describe(spec.batched)} does not fit "
+                    f"the model's {list(node.shape)}"
+                )
+    missing = sorted(set(model_inputs) - set(spec.inputs))
+    if missing:
+        raise ModelLoadError(f"model inputs {missing} are not declared in the config")
+
+
+class OnnxRuntimeBackend:
+    """One onnxruntime session per instance; `run` borrows a free one."""
+
+    def __init__(self, spec: ModelSpec, model_bytes: bytes) -> None:
+        self.providers = choose_providers(spec.config, ort.get_available_providers())
+        self.instance_count = instance_count(spec.config)
+        options = _session_options(spec.config)
+        try:
+            sessions = [
+                ort.InferenceSession(model_bytes, options, providers=self.providers)
+                for _ in range(self.instance_count)
+            ]
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"onnxruntime could not load the model: {exc}") from None
+        check_signature(sessions[0], spec)
+        self._sessions = sessions
+        self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for s in sessions:
+            self._free.put(s)
+        self._first = sessions[0]
+        log.debug("onnxruntime sessions ready", extra={"providers": self.providers})
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
+        if self.instance_count == 1:
+            return self._first.run(output_names, feeds)
+        session = self._free.get()
+        try:
+            return session.run(output_names, feeds)
+        finally:
+            self._free.put(session)
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self._first = None  # type: ignore[assignment]

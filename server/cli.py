@@ -1,0 +1,179 @@
+"""`forseti serve`, `forseti keys`, `forseti seal`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from forseti.server.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="forseti serve",
+        description=(
+            "Serve a Triton-layout model repository over Triton's gRPC protocol "
+            "(inference.GRPCInferenceService). Any tritonclient works unchanged."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model-repository", type=Path, required=True, help="repository folder")
+    p.add_argument(
+        "--keyring",
+        type=Path,
+        default=os.environ.get("FORSETI_KEYRING"),
+        help="keyring file that opens sealed artifacts (env FORSETI_KEYRING)",
+    )
+    p.add_argument("--grpc-address", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-address", default="127.0.0.1", help="metrics bind address")
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument(
+        "--allow-metrics",
+        type=_bool,
+        default=True,
+        metavar="BOOL",
+        help="serve Prometheus metrics on /metrics",
+    )
+    p.add_argument(
+        "--model-control-mode",
+        choices=("none", "poll", "explicit"),
+        default="none",
+        help="none: load all at start; poll: also pick up changes; explicit: load on request",
+    )
+    p.add_argument("--repository-poll-secs", type=float, default=15.0, help="poll interval")
+    p.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="model to load at start in explicit mode (repeatable; '*' for all)",
+    )
+    p.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="also serve unsealed model files (off: only *.sealed artifacts load)",
+    )
+    p.add_argument(
+        "--strict-readiness",
+        type=_bool,
+        default=True,
+        metavar="BOOL",
+        help="ServerReady only when every model meant to be served has a ready version",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="largest request accepted; bigger ones get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=4096,
+        help="largest max_batch_size a model config may declare",
+    )
+    p.add_argument("--exit-timeout-secs", type=float, default=30.0, help="drain time on stop")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def main_serve(argv: list[str]) -> int:
+    args = _serve_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    from forseti.server.app import ServerOptions, StartupError, run
+
+    options = ServerOptions(
+        model_repository=args.model_repository,
+        keyring=args.keyring,
+        grpc_address=args.grpc_address,
+        grpc_port=args.grpc_port,
+        metrics_address=args.metrics_address,
+        metrics_port=args.metrics_port,
+        allow_metrics=args.allow_metrics,
+        control_mode=args.model_control_mode,
+        poll_secs=args.repository_poll_secs,
+        load_models=args.load_model,
+        allow_plaintext=args.allow_plaintext,
+        strict_readiness=args.strict_readiness,
+        max_request_bytes=args.max_request_bytes,
+        max_batch_size=args.max_batch_size,
+        exit_timeout_secs=args.exit_timeout_secs,
+    )
+    try:
+        return run(options)
+    except StartupError as exc:
+        print(f"forseti serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def main_keys(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="forseti keys", description="Manage keyrings.")
+    sub = p.add_subparsers(dest="action", required=True)
+    new = sub.add_parser("new", help="write a new keyring with one fresh key (mode 0600)")
+    new.add_argument("file", type=Path)
+    new.add_argument("--force", action="store_true", help="overwrite an existing file")
+    args = p.parse_args(argv)
+    configure_logging("WARNING")
+    from forseti.server.security.keyring import Keyring
+
+    if args.action == "new":
+        if args.file.exists() and not args.force:
+            print(
+                f"forseti keys new: {args.file} exists; it may hold keys that open your "
+                "artifacts. Use --force to overwrite it.",
+                file=sys.stderr,
+            )
+            return 1
+        keyring = Keyring.generate()
+        keyring.save(args.file)
+        print(f"wrote keyring {args.file} with key {keyring.newest.key_id}")
+    return 0
+
+
+def main_seal(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="forseti seal",
+        description=(
+            "Seal every plaintext model file in a Triton model repository in place "
+            "(AES-256-GCM, bound to model, version and file name) and remove the plaintext."
+        ),
+    )
+    p.add_argument("--keyring", type=Path, required=True, help="keyring file (newest key seals)")
+    p.add_argument("repository", type=Path)
+    args = p.parse_args(argv)
+    configure_logging("INFO")
+    from forseti.server.security.keyring import KeyringError, load_keyring
+    from forseti.server.security.seal_repository import SealRepositoryError, seal_repository
+
+    try:
+        keyring = load_keyring(args.keyring)
+    except KeyringError as exc:
+        print(f"forseti seal: {exc}", file=sys.stderr)
+        return 2
+    if not args.repository.is_dir():
+        print(f"forseti seal: {args.repository} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        sealed = seal_repository(args.repository, keyring)
+    except SealRepositoryError as exc:
+        for problem in exc.problems:
+            print(f"forseti seal: {problem}", file=sys.stderr)
+        print(f"sealed {len(exc.sealed)} file(s); {len(exc.problems)} problem(s)")
+        return 1
+    print(f"sealed {len(sealed)} file(s) with key {keyring.newest.key_id}")
+    return 0

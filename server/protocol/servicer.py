@@ -1,0 +1,280 @@
+"""Triton's `inference.GRPCInferenceService`, answered from the model registry."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pbg
+
+import forseti
+from forseti.server.errors import (
+    FailedPrecondition,
+    ForsetiError,
+    InvalidArgument,
+    ModelLoadError,
+)
+from forseti.server.inference import InferenceHandler
+from forseti.server.registry.loaded_version import LoadedVersion
+from forseti.server.registry.model_registry import ModelRegistry
+from forseti.server.stats import Duration
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "forseti_sealed_artifacts"]
+
+
+@dataclass
+class ServerState:
+    """What ServerReady reports on top of model readiness."""
+
+    started: bool = False
+    stopping: bool = False
+    strict_readiness: bool = True
+    control_mode: str = "none"
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext, what: str) -> None:
+    rid = _request_id()
+    log.exception("unexpected error", extra={"rpc": what, "request_id": rid})
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def _version_statistics(lv: LoadedVersion) -> pb.ModelStatistics:
+    s = lv.stats
+    return pb.ModelStatistics(
+        name=lv.model,
+        version=lv.version_str,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.batches.items())
+        ],
+    )
+
+
+class TritonServicer(pbg.GRPCInferenceServiceServicer):
+    """Every RPC of the service; errors become gRPC statuses, never a crash."""
+
+    def __init__(self, registry: ModelRegistry, state: ServerState) -> None:
+        self.registry = registry
+        self.state = state
+        self.handler = InferenceHandler(registry)
+
+    # ---- health and metadata ------------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        ready = self.state.started and not self.state.stopping
+        if ready and self.state.strict_readiness:
+            ready = self.registry.ready()
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name="forseti", version=forseti.__version__, extensions=EXTENSIONS
+        )
+
+    async def ModelReady(self, request, context):
+        try:
+            self.registry.route(request.name, request.version)
+        except ForsetiError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request, context):
+        try:
+            lv = self.registry.route(request.name, request.version)
+        except ForsetiError as exc:
+            await context.abort(exc.code, exc.message)
+        spec = lv.spec
+        entry = self.registry.models[lv.model]
+        batch = [-1] if spec.batched else []
+
+        def meta(tensors):
+            return [
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t.name, datatype=t.ttype.name, shape=[*batch, *t.dims]
+                )
+                for t in tensors.values()
+            ]
+
+        return pb.ModelMetadataResponse(
+            name=lv.model,
+            versions=[str(v) for v in sorted(entry.versions)],
+            platform=spec.config.platform or spec.config.backend,
+            inputs=meta(spec.inputs),
+            outputs=meta(spec.outputs),
+        )
+
+    async def ModelConfig(self, request, context):
+        try:
+            lv = self.registry.route(request.name, request.version)
+        except ForsetiError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.ModelConfigResponse(config=lv.spec.config)
+
+    async def ModelStatistics(self, request, context):
+        try:
+            if request.name:
+                if request.version:
+                    versions = [self.registry.route(request.name, request.version)]
+                else:
+                    self.registry.route(request.name, "")
+                    versions = list(self.registry.models[request.name].versions.values())
+            else:
+                versions = list(self.registry.loaded_versions())
+        except ForsetiError as exc:
+            await context.abort(exc.code, exc.message)
+        versions.sort(key=lambda lv: (lv.model, lv.version))
+        return pb.ModelStatisticsResponse(model_stats=[_version_statistics(v) for v in versions])
+
+    # ---- inference ----------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):
+        try:
+            return await self.handler.infer(request)
+        except ForsetiError as exc:
+            await context.abort(exc.code, exc.message)
+        except Exception:
+            await _abort_internal(context, "ModelInfer")
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in request_iterator:
+            try:
+                response = await self.handler.infer(request)
+            except ForsetiError as exc:
+                yield _stream_error(request, exc.message)
+                continue
+            except Exception:
+                rid = _request_id()
+                log.exception(
+                    "unexpected error", extra={"rpc": "ModelStreamInfer", "request_id": rid}
+                )
+                yield _stream_error(request, f"internal error (request id {rid})")
+                continue
+            yield pb.ModelStreamInferResponse(infer_response=response)
+
+    # ---- repository ---------------------------------------------------------------------
+
+    async def RepositoryIndex(self, request, context):
+        try:
+            items = list(self.registry.index(request.ready))
+        except Exception:
+            await _abort_internal(context, "RepositoryIndex")
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=i.name, version=i.version, state=i.state, reason=i.reason
+                )
+                for i in items
+            ]
+        )
+
+    def _check_explicit(self) -> None:
+        if self.state.control_mode != "explicit":
+            raise FailedPrecondition(
+                "explicit model load / unload is not allowed in model control mode "
+                f"'{self.state.control_mode}'; start the server with --model-control-mode explicit"
+            )
+
+    async def RepositoryModelLoad(self, request, context):
+        try:
+            self._check_explicit()
+            if request.parameters:
+                raise InvalidArgument(
+                    "load parameters (config override, file content) are not supported; "
+                    "publish a version folder instead"
+                )
+            try:
+                await self.registry.load_model(request.model_name)
+            except ModelLoadError as exc:
+                raise InvalidArgument(
+                    f"failed to load '{request.model_name}': {exc.reason}"
+                ) from None
+        except ForsetiError as exc:
+            await context.abort(exc.code, exc.message)
+        except Exception:
+            await _abort_internal(context, "RepositoryModelLoad")
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            self._check_explicit()
+            await self.registry.unload_model(request.model_name)
+        except ForsetiError as exc:
+            await context.abort(exc.code, exc.message)
+        except Exception:
+            await _abort_internal(context, "RepositoryModelUnload")
+        return pb.RepositoryModelUnloadResponse()
+
+    # ---- what Forseti does not do -------------------------------------------------------
+
+    async def _unsupported(self, context, what: str, hint: str):
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"Forseti does not support {what}; {hint}"
+        )
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        await self._unsupported(context, "system shared memory", "send tensors in the request")
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self._unsupported(context, "system shared memory", "send tensors in the request")
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await self._unsupported(context, "system shared memory", "send tensors in the request")
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await self._unsupported(context, "CUDA shared memory", "send tensors in the request")
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await self._unsupported(context, "CUDA shared memory", "send tensors in the request")
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await self._unsupported(context, "CUDA shared memory", "send tensors in the request")
+
+    async def TraceSetting(self, request, context):
+        await self._unsupported(context, "trace settings", "use /metrics and the server log")
+
+    async def LogSettings(self, request, context):
+        await self._unsupported(context, "log settings over gRPC", "use --log-level at start")
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )

@@ -1,0 +1,163 @@
+"""Turn a ModelInferRequest's tensors into numpy arrays, checked against the model's config,
+and numpy results back into a ModelInferResponse."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from forseti.server.errors import InvalidArgument
+from forseti.server.protocol.datatypes import BY_DTYPE, BY_NAME
+from forseti.server.repository.config import ModelSpec, TensorSpec
+
+_UNSUPPORTED_INPUT_PARAMS = ("shared_memory_region", "shared_memory_byte_size")
+_UNSUPPORTED_OUTPUT_PARAMS = ("classification", "shared_memory_region")
+
+
+def _shape_error(model: str, ts: TensorSpec, spec: ModelSpec, shape: tuple[int, ...]) -> str:
+    return (
+        f"input '{ts.name}' for model '{model}' has shape {list(shape)}, "
+        f"expected {ts.describe(spec.batched)}"
+    )
+
+
+def _check_shape(model: str, ts: TensorSpec, spec: ModelSpec, shape: tuple[int, ...]) -> int:
+    """Return the batch size (1 for non-batching models); raise on any mismatch."""
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input '{ts.name}' has a negative dimension in {list(shape)}")
+    dims = shape
+    batch = 1
+    if spec.batched:
+        if len(shape) != len(ts.dims) + 1:
+            raise InvalidArgument(_shape_error(model, ts, spec, shape))
+        batch = shape[0]
+        if batch < 1:
+            raise InvalidArgument(f"input '{ts.name}' has batch size 0")
+        if batch > spec.max_batch_size:
+            raise InvalidArgument(
+                f"input '{ts.name}' batch size {batch} exceeds max_batch_size "
+                f"{spec.max_batch_size} of model '{model}'"
+            )
+        dims = shape[1:]
+    elif len(shape) != len(ts.dims):
+        raise InvalidArgument(_shape_error(model, ts, spec, shape))
+    for got, want in zip(dims, ts.dims, strict=True):
+        if want != -1 and got != want:
+            raise InvalidArgument(_shape_error(model, ts, spec, shape))
+    return batch
+
+
+def _from_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, ts: TensorSpec, count: int
+) -> np.ndarray:
+    field = ts.ttype.contents_field
+    if field is None:
+        raise InvalidArgument(
+            f"input '{ts.name}' of type {ts.ttype.name} must be sent in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{ts.name}' has {len(values)} values in contents.{field}, "
+            f"its shape {list(tensor.shape)} needs {count}"
+        )
+    try:
+        return np.array(values, dtype=ts.ttype.dtype)
+    except OverflowError:
+        raise InvalidArgument(
+            f"input '{ts.name}' has values out of range for {ts.ttype.name}"
+        ) from None
+
+
+def decode_inputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dict, int]:
+    """Check every input against the config and return (feeds, batch size)."""
+    model = request.model_name
+    raw = request.raw_input_contents
+    inputs = request.inputs
+    if raw and len(raw) != len(inputs):
+        raise InvalidArgument(
+            f"request has {len(inputs)} inputs but {len(raw)} raw_input_contents entries"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    batch = -1
+    for i, tensor in enumerate(inputs):
+        name = tensor.name
+        ts = spec.inputs.get(name)
+        if ts is None:
+            raise InvalidArgument(
+                f"unexpected input '{name[:64]}' for model '{model}'; "
+                f"expected {', '.join(repr(n) for n in spec.inputs)}"
+            )
+        if name in feeds:
+            raise InvalidArgument(f"input '{name}' appears more than once")
+        if tensor.datatype != ts.ttype.name:
+            shown = tensor.datatype[:16]
+            if tensor.datatype not in BY_NAME and tensor.datatype != "BYTES":
+                shown = f"unknown datatype '{shown}'"
+            raise InvalidArgument(
+                f"input '{name}' for model '{model}' has datatype {shown}, expected {ts.ttype.name}"
+            )
+        for key in _UNSUPPORTED_INPUT_PARAMS:
+            if key in tensor.parameters:
+                raise InvalidArgument(f"input '{name}': shared memory is not supported")
+        shape = tuple(tensor.shape)
+        this_batch = _check_shape(model, ts, spec, shape)
+        if batch == -1:
+            batch = this_batch
+        elif this_batch != batch:
+            raise InvalidArgument(
+                f"input '{name}' has batch size {this_batch}, other inputs have {batch}"
+            )
+        count = math.prod(shape)
+        if raw:
+            data = raw[i]
+            expected = count * ts.ttype.dtype.itemsize
+            if len(data) != expected:
+                raise InvalidArgument(
+                    f"input '{name}' has {len(data)} bytes of raw data, shape {list(shape)} "
+                    f"of {ts.ttype.name} needs {expected}"
+                )
+            feeds[name] = np.frombuffer(data, dtype=ts.ttype.dtype).reshape(shape)
+        else:
+            feeds[name] = _from_contents(tensor, ts, count).reshape(shape)
+    if len(feeds) != len(spec.inputs):
+        missing = [n for n in spec.inputs if n not in feeds]
+        raise InvalidArgument(
+            f"model '{model}' expects inputs {list(spec.inputs)}, request is missing {missing}"
+        )
+    return feeds, batch
+
+
+def requested_outputs(
+    request: pb.ModelInferRequest, spec: ModelSpec, default: list[str]
+) -> list[str]:
+    """Output names to compute: the request's subset, or every output of the config."""
+    if not request.outputs:
+        return default
+    names: list[str] = []
+    for out in request.outputs:
+        if out.name not in spec.outputs:
+            raise InvalidArgument(
+                f"unexpected requested output '{out.name[:64]}' for model "
+                f"'{request.model_name}'; expected {', '.join(repr(n) for n in spec.outputs)}"
+            )
+        for key in _UNSUPPORTED_OUTPUT_PARAMS:
+            if key in out.parameters:
+                raise InvalidArgument(f"output '{out.name}': '{key}' is not supported")
+        if out.name not in names:
+            names.append(out.name)
+    return names
+
+
+def encode_outputs(
+    response: pb.ModelInferResponse, names: list[str], results: list[np.ndarray]
+) -> None:
+    """Append the results to the response as raw little-endian bytes."""
+    for name, arr in zip(names, results, strict=True):
+        out = response.outputs.add()
+        out.name = name
+        out.datatype = BY_DTYPE[arr.dtype].name
+        out.shape.extend(arr.shape)
+        response.raw_output_contents.append(arr.tobytes())

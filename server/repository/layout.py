@@ -1,0 +1,83 @@
+"""Triton's repository layout: model folders, integer version folders, version policy."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from forseti.server.errors import ModelLoadError
+from forseti.server.security.sealed import SEALED_SUFFIX
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden entries (publishers' temporary folders among them) are never served."""
+    return name.startswith(".")
+
+
+def list_models(repo: Path) -> list[str]:
+    """Model folder names in a repository, sorted."""
+    try:
+        entries = list(os.scandir(repo))
+    except FileNotFoundError:
+        return []
+    return sorted(e.name for e in entries if e.is_dir() and not is_hidden(e.name))
+
+
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """Integer, non-hidden version folders of a model."""
+    found: dict[int, Path] = {}
+    try:
+        entries = list(os.scandir(model_dir))
+    except FileNotFoundError:
+        return found
+    for e in entries:
+        if is_hidden(e.name) or not e.is_dir() or not e.name.isdigit():
+            continue
+        found[int(e.name)] = Path(e.path)
+    return found
+
+
+def select_versions(policy: mc.ModelVersionPolicy, available: list[int]) -> list[int]:
+    """Apply Triton's version_policy; the default is the latest one version."""
+    ordered = sorted(available)
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return ordered
+    if which == "specific":
+        return sorted(v for v in set(policy.specific.versions) if v in set(ordered))
+    n = policy.latest.num_versions if which == "latest" else 1
+    if n < 1:
+        raise ModelLoadError("version_policy latest.num_versions must be >= 1")
+    return ordered[-n:]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A version's model file: sealed unless plaintext was allowed and found."""
+
+    path: Path
+    filename: str  # the plaintext name bound into the seal, e.g. "model.onnx"
+    sealed: bool
+
+    def fingerprint(self) -> tuple[int, int, int]:
+        st = self.path.stat()
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def find_artifact(version_dir: Path, filename: str, allow_plaintext: bool) -> Artifact:
+    """Locate `<filename>.sealed` (or the plaintext file, only when allowed)."""
+    sealed = version_dir / (filename + SEALED_SUFFIX)
+    if sealed.is_file():
+        return Artifact(sealed, filename, True)
+    plain = version_dir / filename
+    if plain.is_file():
+        if allow_plaintext:
+            return Artifact(plain, filename, False)
+        raise ModelLoadError(
+            f"found plaintext '{filename}' but plaintext artifacts are refused; "
+            "seal it with `forseti seal` or start the server with --allow-plaintext"
+        )
+    raise ModelLoadError(f"missing artifact '{filename}{SEALED_SUFFIX}' in version folder")

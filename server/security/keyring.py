@@ -1,0 +1,235 @@
+"""Keyring: the AES-256 keys that seal model artifacts, stored in an owner-only JSON file."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+KEYRING_FORMAT = "forseti-keyring/1"
+KEY_BYTES = 32
+
+
+class KeyringError(Exception):
+    """A keyring could not be loaded, saved or queried. Messages never include key bytes."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One AES-256 key. The secret is kept out of repr so it cannot leak into logs."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+    created: str
+
+    def __post_init__(self) -> None:
+        if not self.key_id or not self.key_id.isascii() or len(self.key_id) > 255:
+            # The seal header stores the id as ascii with a one-byte length.
+            raise KeyringError(f"invalid key id {self.key_id!r}: must be 1-255 ascii characters")
+        if len(self.secret) != KEY_BYTES:
+            raise KeyringError(
+                f"key {self.key_id!r} is {len(self.secret)} bytes; AES-256 needs {KEY_BYTES}"
+            )
+
+    @classmethod
+    def generate(cls) -> Key:
+        """A fresh random key with an id like ``k-20250101-1a2b3c4d``."""
+        now = datetime.now(UTC)
+        key_id = f"k-{now:%Y%m%d}-{secrets.token_hex(4)}"
+        return cls(
+            key_id=key_id,
+            secret=secrets.token_bytes(KEY_BYTES),
+            created=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        )
+
+
+class Keyring:
+    """An ordered set of keys; the newest one seals, any of them opens."""
+
+    def __init__(self, keys: Iterable[Key]) -> None:
+        self._keys: list[Key] = []
+        self._by_id: dict[str, Key] = {}
+        for key in keys:
+            self._append(key)
+        if not self._keys:
+            raise KeyringError("keyring has no keys")
+
+    def __repr__(self) -> str:
+        return f"Keyring(key_ids={self.key_ids!r})"
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _append(self, key: Key) -> None:
+        if key.key_id in self._by_id:
+            raise KeyringError(f"duplicate key id {key.key_id!r} in keyring")
+        self._keys.append(key)
+        self._by_id[key.key_id] = key
+
+    @property
+    def newest(self) -> Key:
+        """The key used for new seals (the last one added)."""
+        return self._keys[-1]
+
+    @property
+    def key_ids(self) -> list[str]:
+        """Key ids, oldest first."""
+        return [k.key_id for k in self._keys]
+
+    def get(self, key_id: str) -> Key:
+        """The key with this id; raises KeyringError if the keyring lacks it."""
+        try:
+            return self._by_id[key_id]
+        except KeyError:
+            raise KeyringError(f"unknown key id {key_id!r}") from None
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._by_id
+
+    @classmethod
+    def generate(cls) -> Keyring:
+        """A keyring with one fresh key."""
+        return cls([Key.generate()])
+
+    def add_new_key(self) -> Key:
+        """Generate a key and make it the newest; older keys still open existing seals."""
+        key = Key.generate()
+        while key.key_id in self._by_id:  # 32 random bits per day; retry the rare clash
+            key = Key.generate()
+        self._append(key)
+        return key
+
+    def to_json(self) -> str:
+        """Serialise in the keyring file format (contains secrets; write it owner-only)."""
+        doc = {
+            "format": KEYRING_FORMAT,
+            "keys": [
+                {
+                    "id": k.key_id,
+                    "created": k.created,
+                    "secret": base64.b64encode(k.secret).decode("ascii"),
+                }
+                for k in self._keys
+            ],
+        }
+        return json.dumps(doc, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "keyring") -> Keyring:
+        """Parse and validate the keyring file format."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise KeyringError(
+                f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})"
+            ) from None
+        if not isinstance(doc, dict):
+            raise KeyringError(f"{source}: expected a JSON object")
+        if doc.get("format") != KEYRING_FORMAT:
+            raise KeyringError(
+                f"{source}: unsupported format {doc.get('format')!r}, expected {KEYRING_FORMAT!r}"
+            )
+        entries = doc.get("keys")
+        if not isinstance(entries, list) or not entries:
+            raise KeyringError(f"{source}: 'keys' must be a non-empty list")
+        keys: list[Key] = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise KeyringError(f"{source}: key #{i} is not an object")
+            key_id, created, secret_b64 = entry.get("id"), entry.get("created"), entry.get("secret")
+            if not isinstance(key_id, str) or not isinstance(created, str):
+                raise KeyringError(f"{source}: key #{i} needs string 'id' and 'created'")
+            if not isinstance(secret_b64, str):
+                raise KeyringError(f"{source}: key {key_id!r} has no base64 'secret'")
+            try:
+                secret = base64.b64decode(secret_b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise KeyringError(f"{source}: key {key_id!r} secret is not valid base64") from None
+            try:
+                keys.append(Key(key_id=key_id, secret=secret, created=created))
+            except KeyringError as exc:
+                raise KeyringError(f"{source}: {exc}") from None
+        try:
+            return cls(keys)
+        except KeyringError as exc:
+            raise KeyringError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Keyring:
+        """Read and validate a keyring file; warn if others can read it."""
+        path = Path(path)
+        try:
+            st = path.stat()
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise KeyringError(
+                f"keyring file {path} does not exist; create one with `forseti keys new {path}`"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyringError(f"cannot read keyring file {path}: {exc}") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            logger.warning(
+                "keyring file %s has mode %o; group/other can access it, run `chmod 600 %s`",
+                path,
+                stat.S_IMODE(st.st_mode),
+                path,
+            )
+        return cls.from_json(text, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically; the file is owner-only (0600) from its first byte."""
+        atomic_write(Path(path), self.to_json().encode("utf-8"), mode=0o600)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same dir, fsync and os.replace.
+
+    A reader sees the old file or the whole new one, never a partial write. The temp file is
+    created with ``mode`` by os.open itself, so it is never wider than that, not even briefly.
+    """
+    directory = path.parent
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            # The umask may have narrowed ``mode``; set it exactly (never wider than asked).
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename; some filesystems refuse to fsync a directory, which is not fatal."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_keyring(path: str | Path) -> Keyring:
+    """Load a keyring file (see Keyring.load)."""
+    return Keyring.load(path)
