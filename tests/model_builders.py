@@ -1,0 +1,170 @@
+"""Builds the test repository's models as real ONNX graphs and publishes them sealed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from forseti.server.repository.publish import publish_version
+from forseti.server.security.keyring import Keyring
+from forseti.server.security.sealed import seal_bytes
+
+OBS_DIM = 8
+N_ACTIONS = 4
+
+POLICY_CONFIG = """
+name: "policy"
+backend: "onnxruntime"
+max_batch_size: 64
+input [ { name: "obs" data_type: TYPE_FP32 dims: [ 8 ] } ]
+output [
+  { name: "action" data_type: TYPE_INT64 dims: [ 1 ] },
+  { name: "logits" data_type: TYPE_FP32 dims: [ 4 ] }
+]
+parameters { key: "env_id" value: { string_value: "Test-v0" } }
+"""
+
+SIMPLE_CONFIG = """
+name: "simple"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [
+  { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+"""
+
+# Every numeric type Triton and onnxruntime share, as (Triton name, config type, onnx type).
+ALL_TYPES = [
+    ("BOOL", "TYPE_BOOL", TensorProto.BOOL),
+    ("UINT8", "TYPE_UINT8", TensorProto.UINT8),
+    ("UINT16", "TYPE_UINT16", TensorProto.UINT16),
+    ("UINT32", "TYPE_UINT32", TensorProto.UINT32),
+    ("UINT64", "TYPE_UINT64", TensorProto.UINT64),
+    ("INT8", "TYPE_INT8", TensorProto.INT8),
+    ("INT16", "TYPE_INT16", TensorProto.INT16),
+    ("INT32", "TYPE_INT32", TensorProto.INT32),
+    ("INT64", "TYPE_INT64", TensorProto.INT64),
+    ("FP16", "TYPE_FP16", TensorProto.FLOAT16),
+    ("FP32", "TYPE_FP32", TensorProto.FLOAT),
+    ("FP64", "TYPE_FP64", TensorProto.DOUBLE),
+]
+
+
+def _model_bytes(graph: onnx.GraphProto) -> bytes:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def policy_onnx(tag: int, hidden: int = 32) -> bytes:
+    """An MLP policy obs[-1,8] -> logits[-1,4], action[-1,1]. The bias makes action == tag % 4
+    for observations in [-1, 1], so a test can tell versions apart by their answers."""
+    rng = np.random.default_rng(tag)
+    w1 = rng.standard_normal((OBS_DIM, hidden)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((hidden, N_ACTIONS)).astype(np.float32) * 0.1
+    b2 = np.zeros(N_ACTIONS, np.float32)
+    b2[tag % N_ACTIONS] = 100.0
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["obs", "w1"], ["h"]),
+            helper.make_node("Tanh", ["h"], ["ht"]),
+            helper.make_node("MatMul", ["ht", "w2"], ["z"]),
+            helper.make_node("Add", ["z", "b2"], ["logits"]),
+            helper.make_node("ArgMax", ["logits"], ["action"], axis=1, keepdims=1),
+        ],
+        "policy",
+        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", OBS_DIM])],
+        [
+            helper.make_tensor_value_info("action", TensorProto.INT64, ["batch", 1]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", N_ACTIONS]),
+        ],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(b2, "b2"),
+        ],
+    )
+    return _model_bytes(graph)
+
+
+def simple_onnx() -> bytes:
+    """Triton's `simple` example: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1."""
+    shape = ["batch", 16]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "simple",
+        [
+            helper.make_tensor_value_info("INPUT0", TensorProto.INT32, shape),
+            helper.make_tensor_value_info("INPUT1", TensorProto.INT32, shape),
+        ],
+        [
+            helper.make_tensor_value_info("OUTPUT0", TensorProto.INT32, shape),
+            helper.make_tensor_value_info("OUTPUT1", TensorProto.INT32, shape),
+        ],
+    )
+    return _model_bytes(graph)
+
+
+def all_types_onnx() -> bytes:
+    """Identity for one input per numeric type: IN_<T> -> OUT_<T>, shape [-1, 3]."""
+    nodes, inputs, outputs = [], [], []
+    for name, _, onnx_type in ALL_TYPES:
+        nodes.append(helper.make_node("Identity", [f"IN_{name}"], [f"OUT_{name}"]))
+        inputs.append(helper.make_tensor_value_info(f"IN_{name}", onnx_type, ["batch", 3]))
+        outputs.append(helper.make_tensor_value_info(f"OUT_{name}", onnx_type, ["batch", 3]))
+    return _model_bytes(helper.make_graph(nodes, "all_types", inputs, outputs))
+
+
+def all_types_config() -> str:
+    ins = ", ".join(f'{{ name: "IN_{n}" data_type: {t} dims: [ 3 ] }}' for n, t, _ in ALL_TYPES)
+    outs = ", ".join(f'{{ name: "OUT_{n}" data_type: {t} dims: [ 3 ] }}' for n, t, _ in ALL_TYPES)
+    return (
+        f'name: "all_types"\nbackend: "onnxruntime"\nmax_batch_size: 4\n'
+        f"input [ {ins} ]\noutput [ {outs} ]\n"
+    )
+
+
+def write_config(repo: Path, name: str, config_text: str) -> Path:
+    model_dir = repo / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(config_text)
+    return model_dir
+
+
+def publish_sealed(
+    repo: Path,
+    name: str,
+    model: bytes,
+    keyring: Keyring,
+    version: int | None = None,
+    filename: str = "model.onnx",
+) -> int:
+    """Seal `model` for the version being claimed and publish it atomically."""
+
+    def files(number: int) -> dict[str, bytes]:
+        blob = seal_bytes(model, keyring, model=name, version=number, filename=filename)
+        return {filename + ".sealed": blob}
+
+    return publish_version(repo / name, files, version=version)
+
+
+def build_repository(repo: Path, keyring: Keyring) -> None:
+    """The standard test repository: policy v1, simple v1, all_types v1, all sealed."""
+    write_config(repo, "policy", POLICY_CONFIG)
+    publish_sealed(repo, "policy", policy_onnx(1), keyring, version=1)
+    write_config(repo, "simple", SIMPLE_CONFIG)
+    publish_sealed(repo, "simple", simple_onnx(), keyring, version=1)
+    write_config(repo, "all_types", all_types_config())
+    publish_sealed(repo, "all_types", all_types_onnx(), keyring, version=1)

@@ -1,0 +1,101 @@
+"""Start the real `forseti serve` as a subprocess on free loopback ports, and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A running server; `url` is what tritonclient connects to."""
+
+    repository: Path
+    keyring: Path | None
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    grpc_port: int = 0
+    metrics_port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
+        self.grpc_port = free_port()
+        self.metrics_port = free_port()
+        args = [
+            sys.executable,
+            "-m",
+            "forseti",
+            "serve",
+            "--model-repository",
+            str(self.repository),
+            "--grpc-address",
+            "127.0.0.1",
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-port",
+            str(self.metrics_port),
+            *self.extra_args,
+        ]
+        if self.keyring is not None:
+            args += ["--keyring", str(self.keyring)]
+        self.log_path = self.log_path or self.repository.parent / f"server-{self.grpc_port}.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed when the process ends
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.wait(lambda c: c.is_server_live(), timeout)
+        if wait_ready:
+            self.wait(lambda c: c.is_server_ready(), timeout)
+        return self
+
+    def wait(self, check, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
+                try:
+                    if check(client):
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.05)
+        finally:
+            client.close()
+        raise TimeoutError(f"server not ready after {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
