@@ -51,8 +51,14 @@ def start_server(keyring_path: Path) -> Iterator:
     """Factory: start a server over a given repository with extra args; stopped after."""
     started: list[ServerProcess] = []
 
-    def start(repo: Path, *args: str, wait_ready: bool = True, keyring: Path | None = None):
-        server = ServerProcess(repo, keyring or keyring_path, list(args))
+    def start(
+        repo: Path,
+        *args: str,
+        wait_ready: bool = True,
+        keyring: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        server = ServerProcess(repo, keyring or keyring_path, list(args), env=env)
         started.append(server)
         return server.start(wait_ready=wait_ready)
 

@@ -28,6 +28,7 @@ class ServerProcess:
     keyring: Path | None
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    env: dict[str, str] | None = None  # extra environment variables for the server process
     grpc_port: int = 0
     metrics_port: int = 0
     proc: subprocess.Popen | None = None
@@ -58,7 +59,7 @@ class ServerProcess:
             args += ["--keyring", str(self.keyring)]
         self.log_path = self.log_path or self.repository.parent / f"server-{self.grpc_port}.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed when the process ends
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         self.wait(lambda c: c.is_server_live(), timeout)

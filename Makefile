@@ -1,0 +1,36 @@
+# Forseti: the two set-up commands are `make demo` and `make test`. Both create .venv/ here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed-dev: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+# The training extra needs torch: install the CPU build first, so that no CUDA build is
+# resolved from scratch (several GB) when stable-baselines3 asks for torch.
+$(VENV)/.installed-train: $(VENV)/.installed-dev
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,train]'
+	touch $@
+
+demo: $(VENV)/.installed-dev
+	$(PY) examples/demo.py
+
+test: $(VENV)/.installed-dev
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: $(VENV)/.installed-dev
+	$(PY) loadtests/bench_latency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,17 @@
+# Forseti server image: no torch, no stable-baselines3.
+# Build from the repository root: docker build -f docker/server.Dockerfile -t forseti-server .
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 forseti
+WORKDIR /opt/forseti
+COPY pyproject.toml README.md ./
+COPY forseti forseti
+COPY server server
+COPY exporters exporters
+COPY trainer_sidecar trainer_sidecar
+RUN pip install --no-cache-dir . && rm -rf /root/.cache
+USER forseti
+EXPOSE 8001 8002
+# The keyring is mounted at run time (a secret), never baked into the image.
+ENTRYPOINT ["forseti", "serve"]
+CMD ["--model-repository", "/models", "--keyring", "/run/secrets/forseti_keyring", \
+     "--model-control-mode", "poll", "--repository-poll-secs", "2", "--metrics-address", "0.0.0.0"]

@@ -1,0 +1,1 @@
+"""Load tests and benchmark scripts (not part of the installed package)."""
