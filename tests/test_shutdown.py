@@ -1,0 +1,98 @@
+"""SIGTERM / SIGINT: stop accepting, finish the running requests, exit 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from onnx import TensorProto, helper, numpy_helper
+
+from forseti.server.security.keyring import Keyring
+from tests.model_builders import _model_bytes, publish_sealed, write_config
+
+WIDTH = 1024
+LAYERS = 24
+
+SLOW_CONFIG = f"""
+name: "slow"
+backend: "onnxruntime"
+max_batch_size: 256
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {WIDTH} ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {WIDTH} ] }} ]
+"""
+
+
+def slow_onnx() -> bytes:
+    """A deep square MLP: a batch of 256 takes a noticeable fraction of a second."""
+    w = (np.eye(WIDTH, dtype=np.float32) * 0.5).astype(np.float32)
+    nodes = []
+    prev = "x"
+    for i in range(LAYERS):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", WIDTH])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return _model_bytes(graph)
+
+
+@pytest.fixture
+def slow_repo(tmp_path: Path, keyring: Keyring) -> Path:
+    repo = tmp_path / "repo"
+    write_config(repo, "slow", SLOW_CONFIG)
+    publish_sealed(repo, "slow", slow_onnx(), keyring, version=1)
+    return repo
+
+
+def _infer_slow(url: str, results: list) -> None:
+    client = grpcclient.InferenceServerClient(url)
+    x = grpcclient.InferInput("x", [256, WIDTH], "FP32")
+    x.set_data_from_numpy(np.ones((256, WIDTH), np.float32))
+    try:
+        out = client.infer("slow", [x], client_timeout=60).as_numpy("y")
+        results.append(("ok", float(out[0, 0]), time.monotonic()))
+    except Exception as exc:
+        results.append(("error", str(exc), time.monotonic()))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_finishes_running_requests_and_exits_zero(
+    slow_repo: Path, start_server, sig: int
+) -> None:
+    server = start_server(slow_repo)
+    results: list = []
+    calls = [threading.Thread(target=_infer_slow, args=(server.url, results)) for _ in range(3)]
+    for t in calls:
+        t.start()
+    time.sleep(0.3)  # the requests are running on the server
+    started = time.monotonic()
+    server.proc.send_signal(sig)
+    for t in calls:
+        t.join(60)
+    code = server.proc.wait(60)
+    assert code == 0, server.log()
+    assert [r[0] for r in results] == ["ok", "ok", "ok"], results
+    assert results[0][1] == pytest.approx(0.5**LAYERS)
+    assert max(r[2] for r in results) > started, "no request was still running at the signal"
+    assert "stopped" in server.log()
+    assert time.monotonic() - started < 30
+
+
+def test_server_refuses_new_calls_once_stopped(slow_repo: Path, start_server) -> None:
+    server = start_server(slow_repo)
+    server.stop()
+    client = grpcclient.InferenceServerClient(server.url)
+    with pytest.raises(grpcclient.InferenceServerException):
+        client.is_server_live(client_timeout=2)
