@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from tritonclient.grpc import service_pb2_grpc as pbg
 
 from forseti.server.metrics import start_metrics_server
+from forseti.server.protocol.registration import add_servicer
 from forseti.server.protocol.servicer import ServerState, TritonServicer
 from forseti.server.registry.model_registry import ModelRegistry
 from forseti.server.security.keyring import Keyring, KeyringError, load_keyring
@@ -105,7 +105,7 @@ async def serve(options: ServerOptions) -> int:
             ("grpc.so_reuseport", 0),
         ]
     )
-    pbg.add_GRPCInferenceServiceServicer_to_server(TritonServicer(registry, state), server)
+    add_servicer(TritonServicer(registry, state), server)
     address = f"{options.grpc_address}:{options.grpc_port}"
     try:
         server.add_insecure_port(address)

@@ -19,6 +19,7 @@ from forseti.server.errors import (
     ModelLoadError,
 )
 from forseti.server.inference import InferenceHandler
+from forseti.server.protocol.registration import MALFORMED
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
 from forseti.server.stats import Duration
@@ -172,6 +173,9 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
+            if request is MALFORMED:
+                yield _stream_error(pb.ModelInferRequest(), "malformed ModelInferRequest")
+                continue
             try:
                 response = await self.handler.infer(request)
             except ForsetiError as exc:
