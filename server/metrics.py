@@ -6,11 +6,16 @@ Reading at scrape time keeps the request path free of metrics-library calls.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from forseti.server.registry.model_registry import ModelRegistry
 from forseti.server.stats import LATENCY_BUCKETS_S
@@ -102,10 +107,74 @@ class TritonMetricsCollector(Collector):
         yield histogram
 
 
-def start_metrics_server(registry: ModelRegistry, address: str, port: int) -> CollectorRegistry:
+class _Families(Collector):
+    """Already collected families, for prometheus_client's text writer."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def exposition(collector: Collector) -> bytes:
+    """The Prometheus text format, with counters named as Triton names them.
+
+    prometheus_client writes every counter as `<name>_total`; Triton writes
+    `nv_inference_request_success{model="m",version="1"}`, and dashboards and alerts built for
+    Triton query those bare names, so the counters are written here and the rest by the library.
+    """
+    out: list[str] = []
+    others: list[Metric] = []
+    for family in collector.collect():
+        if family.type != "counter":
+            others.append(family)
+            continue
+        doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out.append(f"# HELP {family.name} {doc}\n# TYPE {family.name} counter\n")
+        for sample in family.samples:
+            if sample.name != family.name + "_total":
+                continue
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
+            out.append(f"{family.name}{{{labels}}} {floatToGoString(sample.value)}\n")
+    return "".join(out).encode() + generate_latest(_Families(others))
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    collector: Collector
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404, "metrics are served on /metrics")
+            return
+        try:
+            body = exposition(self.collector)
+        except Exception:
+            log.exception("metrics scrape failed")
+            self.send_error(500)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+def start_metrics_server(registry: ModelRegistry, address: str, port: int) -> ThreadingHTTPServer:
     """Serve /metrics on address:port from a background thread."""
-    prom = CollectorRegistry()
-    prom.register(TritonMetricsCollector(registry))
-    start_http_server(port, addr=address, registry=prom)
+    family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+    handler = type("Handler", (_MetricsHandler,), {"collector": TritonMetricsCollector(registry)})
+    server_class = type(
+        "MetricsServer", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
+    )
+    httpd = server_class((address, port), handler)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics listening", extra={"address": address, "port": port})
-    return prom
+    return httpd
