@@ -1,0 +1,722 @@
+"""Batch-1 policy-decision latency and throughput of Forseti against two floors.
+
+What it does, in one run:
+
+* builds a temporary sealed repository holding the `policy` model (obs FP32 [1,8] -> action
+  INT64, logits FP32) and starts the real `forseti serve` on free loopback ports (explicit
+  mode, `--load-model policy`);
+* starts the *empty-call floor* (`loadtests/empty_servicer.py`): a grpc.aio servicer on the
+  same tritonclient stubs and server options whose ModelInfer returns a precomputed response
+  of the policy's shape without doing any work;
+* measures the *onnxruntime floor*: p50 of `session.run` in this process, on a session built
+  from the same model bytes with the server backend's own session options;
+* drives both servers with the same load generator -- client worker *processes* (spawned, so
+  16 in-flight calls are not serialised on one GIL; default 4 processes, so c=16 is 4
+  processes x 4 threads, the layout that gave the empty floor its highest req/s on a 2-CPU
+  box), each thread a closed loop with its own `tritonclient.grpc.InferenceServerClient`
+  (own channel, own connection and one per target) -- at each concurrency level floor and
+  Forseti alternate in short slices (ABBA order, the first part of each slice not recorded),
+  for several rounds; the table shows the median over rounds;
+* reads Forseti's own per-stage times (Triton ModelStatistics deltas over each run: input =
+  route + decode, infer = backend.run, output = response encode) and prints their means;
+* prints the table and two targets:
+    p50@c1:  forseti / (empty floor + onnxruntime)   <= 1.15
+    req/s@c16: forseti / empty floor                 >= 0.85
+  both computed per round (within a round both targets share the same slices of time) and
+  reported as the median over rounds.
+
+It is a benchmark, not a test: it exits 0 whatever the numbers are, unless the run itself
+failed, or `--check` is given and a target is missed (exit 1).
+
+    .venv/bin/python -m loadtests.bench_latency                      # ~1.5 minutes
+    .venv/bin/python -m loadtests.bench_latency --duration 4 --rounds 7 --json out.json
+    .venv/bin/python loadtests/bench_latency.py --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # path-based invocation, and spawned workers
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Kept light on purpose: every worker process imports this module when it is spawned.
+import numpy as np  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+from tritonclient.grpc import KeepAliveOptions  # noqa: E402
+
+MODEL = "policy"
+OBS_DIM = 8
+P50_TARGET = 1.15  # forseti p50@c1 <= 1.15 x (empty floor p50@c1 + onnxruntime p50)
+THROUGHPUT_TARGET = 0.85  # forseti req/s@c16 >= 0.85 x empty floor req/s@c16
+TARGET_NAMES = ("empty floor", "forseti")
+
+
+# ---- load generator (runs in the worker processes) ------------------------------------------
+
+
+def _client(url: str) -> grpcclient.InferenceServerClient:
+    """tritonclient's own default channel options, plus a local subchannel pool so that every
+    client really has its own HTTP/2 connection (by default gRPC shares one connection
+    between channels to the same target with the same options)."""
+    keepalive = KeepAliveOptions()
+    options = [
+        ("grpc.max_send_message_length", 2**31 - 1),
+        ("grpc.max_receive_message_length", 2**31 - 1),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    return grpcclient.InferenceServerClient(url, channel_args=options)
+
+
+def _policy_input(seed: int) -> grpcclient.InferInput:
+    obs = np.random.default_rng(seed).uniform(-1, 1, (1, OBS_DIM)).astype(np.float32)
+    inp = grpcclient.InferInput("obs", [1, OBS_DIM], "FP32")
+    inp.set_data_from_numpy(obs)
+    return inp
+
+
+# A slice of the schedule: (target index, start ns, record-from ns, end ns).
+Slice = tuple[int, int, int, int]
+
+
+def _closed_loop(
+    clients: list[grpcclient.InferenceServerClient],
+    inputs: list,
+    warm_until_ns: int,
+    schedule: list[Slice],
+    out: dict,
+) -> None:
+    """One in-flight call at a time. Until warm_until_ns it warms every target in turn; then
+    it follows the schedule: in each slice it calls that slice's target on its own client,
+    records the latency of calls started after the slice's settle time and counts the calls
+    that complete inside the recorded part of the slice."""
+    lat: list[list[int]] = [[] for _ in clients]
+    done = [0] * len(clients)
+    try:
+        now = time.perf_counter_ns
+        infers = [c.infer for c in clients]
+        i = 0
+        while now() < warm_until_ns:
+            infers[i % len(infers)](MODEL, inputs)
+            i += 1
+        for target, _start, record_from, end in schedule:
+            infer, record = infers[target], lat[target]
+            t = now()
+            while t < end:
+                infer(MODEL, inputs)
+                t2 = now()
+                if t >= record_from:
+                    record.append(t2 - t)
+                if record_from <= t2 <= end:
+                    done[target] += 1
+                t = t2
+    except BaseException:
+        out["error"] = traceback.format_exc()
+    out["lat"] = lat
+    out["done"] = done
+
+
+class _WorkerSession:
+    """The clients of one worker process for one measurement: per thread, one client (own
+    connection) per target."""
+
+    def __init__(self, urls: list[str], threads: int, seed: int) -> None:
+        self.clients = [[_client(url) for url in urls] for _ in range(threads)]
+        self.inputs = [[_policy_input(seed * 1000 + i)] for i in range(threads)]
+        for clients, inputs in zip(self.clients, self.inputs, strict=True):
+            for client in clients:
+                client.infer(MODEL, inputs)  # connect before the clock starts
+
+    def go(self, warm_until_ns: int, schedule: list[Slice]) -> dict:
+        outs: list[dict] = [{} for _ in self.clients]
+        workers = [
+            threading.Thread(
+                target=_closed_loop, args=(c, i, warm_until_ns, schedule, o), daemon=True
+            )
+            for c, i, o in zip(self.clients, self.inputs, outs, strict=True)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        targets = len(self.clients[0])
+        return {
+            "lat": [
+                [x for o in outs for x in o.get("lat", [[]] * targets)[t]] for t in range(targets)
+            ],
+            "done": [sum(o.get("done", [0] * targets)[t] for o in outs) for t in range(targets)],
+            "errors": [o["error"] for o in outs if "error" in o],
+        }
+
+    def close(self) -> None:
+        for clients in self.clients:
+            for c in clients:
+                c.close()
+
+
+def _worker_main(conn, index: int) -> None:
+    """A client worker process. Commands: ("prepare", urls, threads) -> "ready" once its
+    clients are connected; ("go", warm_until_ns, schedule) -> its latencies and counts per
+    target; None -> exit."""
+    conn.send("hello")
+    session: _WorkerSession | None = None
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            return
+        try:
+            if cmd[0] == "prepare":
+                if session is not None:
+                    session.close()
+                session = _WorkerSession(cmd[1], cmd[2], index)
+                conn.send("ready")
+            else:
+                assert session is not None
+                result = session.go(cmd[1], cmd[2])
+                session.close()
+                session = None
+                conn.send(result)
+        except BaseException:
+            conn.send({"lat": [], "done": [], "errors": [traceback.format_exc()]})
+
+
+def abba(first: int, pairs: int) -> list[int]:
+    """Target order over 2 * pairs slices, counterbalanced against drift: ABBA ABBA ..."""
+    a, b = first, 1 - first
+    pattern = [a, b, b, a]
+    return [pattern[i % 4] for i in range(2 * pairs)]
+
+
+class LoadGenerator:
+    """A pool of spawned client processes; a level of concurrency c uses min(c, procs) of them,
+    each running its share of the c closed-loop threads. The targets of one measurement are
+    interleaved in short slices (ABBA order) so that both see the same machine."""
+
+    def __init__(self, procs: int, timeout: float = 120.0) -> None:
+        ctx = mp.get_context("spawn")  # no fork after grpc channels exist in the parent
+        self.timeout = timeout
+        self.procs = []
+        for i in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(child, i), daemon=True)
+            p.start()
+            child.close()
+            self.procs.append((p, parent))
+        for _, conn in self.procs:
+            self._recv(conn)  # "hello": imports done
+
+    def _recv(self, conn):
+        if not conn.poll(self.timeout):
+            raise TimeoutError(f"a load-generator worker did not answer in {self.timeout}s")
+        return conn.recv()
+
+    def layout(self, concurrency: int) -> list[int]:
+        n = min(concurrency, len(self.procs))
+        return [concurrency // n + (1 if i < concurrency % n else 0) for i in range(n)]
+
+    def run(
+        self,
+        urls: list[str],
+        concurrency: int,
+        warmup_s: float,
+        duration_s: float,
+        slice_s: float = 0.5,
+        settle_s: float = 0.1,
+        first: int = 0,
+    ) -> list[Measurement]:
+        """Measure two targets at one concurrency, `duration_s` of recorded time each."""
+        assert len(urls) == 2
+        shares = self.layout(concurrency)
+        conns = [conn for (_, conn), _ in zip(self.procs, shares, strict=False)]
+        for conn, threads in zip(conns, shares, strict=True):
+            conn.send(("prepare", urls, threads))
+        for conn in conns:
+            answer = self._recv(conn)
+            if answer != "ready":
+                raise RuntimeError(f"load generator could not connect to {urls}:\n{answer}")
+        recorded_ns = int((slice_s - settle_s) * 1e9)
+        pairs = max(1, math.ceil(duration_s / (slice_s - settle_s)))
+        order = abba(first, pairs)
+        start = time.perf_counter_ns() + int(warmup_s * 1e9)
+        schedule: list[Slice] = []
+        for k, target in enumerate(order):
+            s0 = start + k * int(slice_s * 1e9)
+            s1 = s0 + int(slice_s * 1e9)
+            schedule.append((target, s0, s1 - recorded_ns, s1))
+        for conn in conns:
+            conn.send(("go", start, schedule))
+        results = [self._recv(conn) for conn in conns]
+        errors = [e for r in results for e in r["errors"]]
+        if errors:
+            raise RuntimeError(f"load generator failed against {urls}:\n{errors[0]}")
+        measurements = []
+        for t, url in enumerate(urls):
+            lat = np.array([x for r in results for x in r["lat"][t]], dtype=np.int64)
+            if lat.size == 0:
+                raise RuntimeError(f"no call completed against {url} at concurrency {concurrency}")
+            p50, p90, p99 = (float(v) / 1e6 for v in np.percentile(lat, [50, 90, 99]))
+            done = sum(r["done"][t] for r in results)
+            measurements.append(
+                Measurement(
+                    concurrency=concurrency,
+                    p50_ms=p50,
+                    p90_ms=p90,
+                    p99_ms=p99,
+                    rps=done / (order.count(t) * recorded_ns / 1e9),
+                    calls=int(lat.size),
+                    layout=f"{len(shares)}p x {max(shares)}t",
+                )
+            )
+        return measurements
+
+    def close(self) -> None:
+        for _, conn in self.procs:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                conn.send(None)
+        for p, conn in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+            conn.close()
+
+
+@dataclass
+class Measurement:
+    concurrency: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    rps: float
+    calls: int
+    layout: str
+    # Forseti only: its own per-request stage times (ModelStatistics deltas over the run), us.
+    server_us: dict[str, float] | None = None
+
+
+# ---- the two servers ----------------------------------------------------------------------
+
+
+def _wait_live(url: str, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}: {_tail(log)}")
+            try:
+                if client.is_server_ready() and client.is_model_ready(MODEL):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise TimeoutError(f"{what} not ready after {timeout}s: {_tail(log)}")
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+class EmptyFloorProcess:
+    """`python -m loadtests.empty_servicer` on a free port."""
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.server_process import free_port
+
+        self.port = free_port()
+        self.log_path = workdir / f"empty-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> EmptyFloorProcess:
+        args = [sys.executable, "-m", "loadtests.empty_servicer", "--port", str(self.port)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT
+            )
+        _wait_live(self.url, self.proc, 30.0, "empty servicer", self.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def build_policy_repository(root: Path) -> tuple[Path, Path, bytes]:
+    """(repository, keyring file, plaintext model bytes) for the sealed policy model."""
+    from forseti.server.security.keyring import Keyring
+    from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
+
+    keyring_path = root / "keyring.json"
+    keyring = Keyring.generate()
+    keyring.save(keyring_path)
+    repo = root / "repo"
+    repo.mkdir()
+    model = policy_onnx(1)
+    write_config(repo, MODEL, POLICY_CONFIG)
+    publish_sealed(repo, MODEL, model, keyring, version=1)
+    return repo, keyring_path, model
+
+
+def check_answers(url: str) -> None:
+    """Both servers must answer a real decision of the right shape before they are timed."""
+    with grpcclient.InferenceServerClient(url) as client:
+        result = client.infer(MODEL, [_policy_input(0)])
+        action, logits = result.as_numpy("action"), result.as_numpy("logits")
+    if action is None or action.shape != (1, 1) or action.dtype != np.int64:
+        raise RuntimeError(f"{url}: bad 'action' output {action!r}")
+    if logits is None or logits.shape != (1, 4) or logits.dtype != np.float32:
+        raise RuntimeError(f"{url}: bad 'logits' output {logits!r}")
+
+
+_STAT_FIELDS = ("success", "compute_input", "compute_infer", "compute_output")
+
+
+def server_statistics(url: str) -> dict[str, tuple[int, int]]:
+    """Forseti's cumulative (count, ns) per stage for the policy model (Triton's statistics)."""
+    with grpcclient.InferenceServerClient(url) as client:
+        response = client.get_inference_statistics(MODEL)
+    stats = response.model_stats[0].inference_stats
+    return {f: (getattr(stats, f).count, getattr(stats, f).ns) for f in _STAT_FIELDS}
+
+
+def stage_means_us(before: dict, after: dict) -> dict[str, float]:
+    """Mean microseconds per request of each stage between two snapshots."""
+    calls = after["success"][0] - before["success"][0]
+    if calls <= 0:
+        return {}
+    names = {
+        "success": "handler",
+        "compute_input": "input",
+        "compute_infer": "infer",
+        "compute_output": "output",
+    }
+    return {names[f]: (after[f][1] - before[f][1]) / calls / 1e3 for f in _STAT_FIELDS}
+
+
+# ---- the onnxruntime floor ----------------------------------------------------------------
+
+
+class OrtFloor:
+    """session.run of the same model bytes with the server backend's session options."""
+
+    def __init__(self, model: bytes) -> None:
+        import onnxruntime as ort
+
+        from forseti.server.backends.onnxruntime_backend import _session_options, choose_providers
+        from forseti.server.repository.config import parse_config_text
+        from tests.model_builders import POLICY_CONFIG
+
+        config = parse_config_text(POLICY_CONFIG, MODEL)
+        providers = choose_providers(config, ort.get_available_providers())
+        self.session = ort.InferenceSession(model, _session_options(config), providers=providers)
+        self.names = [o.name for o in config.output]
+        obs = np.random.default_rng(0).uniform(-1, 1, (1, OBS_DIM)).astype(np.float32)
+        self.feeds = {"obs": obs}
+
+    def p50_us(self, calls: int = 20000) -> float:
+        run, names, feeds, now = self.session.run, self.names, self.feeds, time.perf_counter_ns
+        for _ in range(1000):
+            run(names, feeds)
+        samples = np.empty(calls, dtype=np.int64)
+        for i in range(calls):
+            t = now()
+            run(names, feeds)
+            samples[i] = now() - t
+        return float(np.median(samples)) / 1e3
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    index: int
+    ort_p50_us: float
+    results: dict[str, dict[int, Measurement]] = field(default_factory=dict)
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def summarise(rounds: list[Round], levels: list[int]) -> dict:
+    table = {}
+    for target in TARGET_NAMES:
+        table[target] = {}
+        for c in levels:
+            ms = [r.results[target][c] for r in rounds]
+            table[target][c] = {
+                "p50_ms": _median([m.p50_ms for m in ms]),
+                "p90_ms": _median([m.p90_ms for m in ms]),
+                "p99_ms": _median([m.p99_ms for m in ms]),
+                "rps": _median([m.rps for m in ms]),
+                "calls": int(_median([m.calls for m in ms])),
+                "layout": ms[0].layout,
+            }
+            if all(m.server_us for m in ms):
+                table[target][c]["server_us"] = {
+                    k: _median([m.server_us[k] for m in ms]) for k in ms[0].server_us
+                }
+    targets = {}
+    lo, hi = min(levels), max(levels)
+    if lo == 1:
+        per_round = [
+            r.results["forseti"][1].p50_ms
+            / (r.results["empty floor"][1].p50_ms + r.ort_p50_us / 1e3)
+            for r in rounds
+        ]
+        ratio = _median(per_round)
+        targets["p50_c1"] = {
+            "description": "p50@c1 forseti / (empty floor p50 + onnxruntime p50)",
+            "per_round": per_round,
+            "ratio": ratio,
+            "limit": f"<= {P50_TARGET}",
+            "pass": ratio <= P50_TARGET,
+        }
+    if hi == 16:
+        per_round = [
+            r.results["forseti"][16].rps / r.results["empty floor"][16].rps for r in rounds
+        ]
+        ratio = _median(per_round)
+        targets["rps_c16"] = {
+            "description": "throughput@c16 forseti / empty floor",
+            "per_round": per_round,
+            "ratio": ratio,
+            "limit": f">= {THROUGHPUT_TARGET}",
+            "pass": ratio >= THROUGHPUT_TARGET,
+        }
+    return {
+        "ort_p50_us": _median([r.ort_p50_us for r in rounds]),
+        "table": table,
+        "targets": targets,
+    }
+
+
+def print_report(summary: dict, rounds: list[Round], args: argparse.Namespace) -> None:
+    print()
+    print(
+        f"batch-1 '{MODEL}' decisions, tritonclient.grpc, {args.duration:g}s recorded per "
+        f"target and level in {args.slice:g}s ABBA slices, {args.rounds} rounds (median "
+        f"shown), {os.cpu_count()} CPUs"
+    )
+    header = f"{'target':<12} {'conc':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'req/s':>9}"
+    print(header + f"  {'clients':>9}")
+    print("-" * (len(header) + 11))
+    for target in TARGET_NAMES:
+        for c, row in summary["table"][target].items():
+            print(
+                f"{target:<12} {c:>4} {row['p50_ms']:>8.3f} {row['p90_ms']:>8.3f} "
+                f"{row['p99_ms']:>8.3f} {row['rps']:>9.0f}  {row['layout']:>9}"
+            )
+    ort = summary["ort_p50_us"]
+    print(f"{'onnxruntime':<12} {'-':>4} {ort / 1e3:>8.3f}   (session.run p50 = {ort:.1f} us)")
+    print()
+    print("forseti's own stage times, mean us per request (ModelStatistics deltas, median round):")
+    print("  conc  handler  (input = route+decode, infer = backend.run, output = encode)")
+    for c, row in summary["table"]["forseti"].items():
+        st = row.get("server_us")
+        if st:
+            print(
+                f"  {c:>4} {st['handler']:>8.1f}  (input {st['input']:.1f}, "
+                f"infer {st['infer']:.1f}, output {st['output']:.1f})"
+            )
+    print()
+    for t in summary["targets"].values():
+        rounds_text = ", ".join(f"{x:.3f}" for x in t["per_round"])
+        verdict = "PASS" if t["pass"] else "FAIL"
+        print(
+            f"{t['description']}: {t['ratio']:.3f} (target {t['limit']}) {verdict}"
+            f"   [rounds: {rounds_text}]"
+        )
+
+
+def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[Round]]:
+    from tests.server_process import ServerProcess
+
+    levels = sorted({int(x) for x in args.levels.split(",")})
+    with tempfile.TemporaryDirectory(prefix="forseti-bench-") as tmp:
+        root = Path(tmp)
+        repo, keyring_path, model = build_policy_repository(root)
+        forseti = ServerProcess(
+            repo,
+            keyring_path,
+            ["--model-control-mode", "explicit", "--load-model", MODEL, "--log-level", "WARNING"],
+            log_path=root / "forseti.log",
+        )
+        floor = EmptyFloorProcess(root)
+        load = None
+        try:
+            load = LoadGenerator(min(args.procs, max(levels)))
+            forseti.start()
+            floor.start()
+            urls = {"empty floor": floor.url, "forseti": forseti.url}
+            for url in urls.values():
+                check_answers(url)
+            ort = OrtFloor(model)
+            targets = [urls[t] for t in TARGET_NAMES]
+            # One discarded pass: the first runs after start-up are slow on a small VM.
+            for c in sorted({levels[0], levels[-1]}):
+                load.run(targets, c, args.warmup, 0.5, args.slice, args.settle)
+            rounds: list[Round] = []
+            for r in range(args.rounds):
+                rnd = Round(index=r, ort_p50_us=ort.p50_us())
+                rnd.results = {t: {} for t in TARGET_NAMES}
+                for c in levels:
+                    before = server_statistics(forseti.url)
+                    ms = load.run(
+                        targets, c, args.warmup, args.duration, args.slice, args.settle, r % 2
+                    )
+                    ms[TARGET_NAMES.index("forseti")].server_us = stage_means_us(
+                        before, server_statistics(forseti.url)
+                    )
+                    for target, m in zip(TARGET_NAMES, ms, strict=True):
+                        rnd.results[target][c] = m
+                        print(
+                            f"round {r + 1}/{args.rounds} {target:<12} c={c:<3} "
+                            f"p50 {m.p50_ms:.3f} ms  p99 {m.p99_ms:.3f} ms  {m.rps:.0f} req/s",
+                            flush=True,
+                        )
+                rounds.append(rnd)
+        finally:
+            if load is not None:
+                load.close()
+            floor.stop()
+            code = forseti.stop()
+            if code not in (0, None):
+                print(f"forseti exited with {code}:\n{_tail(root / 'forseti.log')}")
+    return summarise(rounds, levels), rounds
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.bench_latency",
+        description=(
+            "Batch-1 policy latency (p50/p90/p99) and throughput of `forseti serve` at several "
+            "concurrencies, against an empty-call gRPC floor and the bare onnxruntime call."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--duration", type=float, default=2.0, help="recorded seconds per target per level"
+    )
+    p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per level")
+    p.add_argument(
+        "--slice",
+        type=float,
+        default=0.5,
+        help="the two targets alternate in slices this long (ABBA order) within a level",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.1,
+        help="seconds at the start of each slice that are not recorded (the switch-over)",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="alternating floor/forseti rounds")
+    p.add_argument("--levels", default="1,4,16", help="concurrency levels, comma separated")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=4,
+        help=(
+            "most client worker processes; a level of c uses min(c, procs) of them, each with "
+            "c/procs threads (4 gave the highest empty-floor req/s at c=16 on a 2-CPU box)"
+        ),
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        levels = [int(x) for x in args.levels.split(",")]
+    except ValueError:
+        levels = []
+    if (
+        args.duration <= 0
+        or args.rounds < 1
+        or args.procs < 1
+        or not levels
+        or min(levels) < 1
+        or not 0 <= args.settle < args.slice
+    ):
+        print(
+            "bench_latency: --duration must be > 0, --rounds and --procs >= 1, 0 <= --settle "
+            "< --slice, and --levels a comma-separated list of positive integers",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so the servers and workers are always stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        summary, rounds = run_benchmark(args)
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"bench_latency: the run failed: {exc}", file=sys.stderr)
+        return 2
+    print_report(summary, rounds, args)
+    print(f"\n(total {time.monotonic() - started:.0f}s)")
+    if args.json is not None:
+        doc = {
+            "settings": vars(args) | {"json": str(args.json)},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "summary": summary,
+            "rounds": [
+                {
+                    "index": r.index,
+                    "ort_p50_us": r.ort_p50_us,
+                    "results": {
+                        t: {c: asdict(m) for c, m in per.items()} for t, per in r.results.items()
+                    },
+                }
+                for r in rounds
+            ],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2, default=str))
+        print(f"wrote {args.json}")
+    if args.check and not all(t["pass"] for t in summary["targets"].values()):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
