@@ -6,7 +6,8 @@ import time
 
 from tritonclient.grpc import service_pb2 as pb
 
-from forseti.server.protocol.tensors import decode_inputs, encode_outputs, requested_outputs
+from forseti.server.protocol.tensors import decode_inputs, requested_outputs
+from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
 
 _now_ns = time.monotonic_ns
@@ -22,23 +23,17 @@ class InferenceHandler:
         """Run the request on the version it routes to; raises ForsetiError on bad input."""
         start = _now_ns()
         lv = self.registry.route(request.model_name, request.model_version)
+        if lv.scheduler.inline:
+            return self._infer_inline(lv, request, start)
         lv.acquire()
         try:
             spec = lv.spec
             feeds, batch = decode_inputs(request, spec)
             names = requested_outputs(request, spec, lv.output_names)
-            scheduler = lv.scheduler
             decoded = _now_ns()
-            if scheduler.inline:
-                infer_start = decoded
-                results = scheduler.backend.run(feeds, names)
-            else:
-                results, infer_start = await scheduler.execute(feeds, names)
+            results, infer_start = await lv.scheduler.execute(feeds, names)
             infer_end = _now_ns()
-            response = pb.ModelInferResponse(
-                model_name=request.model_name, model_version=lv.version_str, id=request.id
-            )
-            encode_outputs(response, names, results)
+            response = lv.responses.build(request.id, names, results)
             end = _now_ns()
         except BaseException:
             lv.stats.record_failure(_now_ns() - start)
@@ -46,12 +41,41 @@ class InferenceHandler:
         finally:
             lv.release()
         lv.stats.record_success(
-            batch=batch,
-            total_ns=end - start,
-            queue_ns=infer_start - decoded,
-            input_ns=decoded - start,
-            infer_ns=infer_end - infer_start,
-            output_ns=end - infer_end,
-            now_ms=time.time_ns() // 1_000_000,
+            batch,
+            end - start,
+            infer_start - decoded,
+            decoded - start,
+            infer_end - infer_start,
+            end - infer_end,
+            time.time_ns() // 1_000_000,
+        )
+        return response
+
+    @staticmethod
+    def _infer_inline(
+        lv: LoadedVersion, request: pb.ModelInferRequest, start: int
+    ) -> pb.ModelInferResponse:
+        """The fast path: no await between routing and answering, so no swap can interleave
+        and the version needs no in-flight count to drain."""
+        try:
+            spec = lv.spec
+            feeds, batch = decode_inputs(request, spec)
+            names = requested_outputs(request, spec, lv.output_names)
+            decoded = _now_ns()
+            results = lv.backend.run(feeds, names)
+            infer_end = _now_ns()
+            response = lv.responses.build(request.id, names, results)
+            end = _now_ns()
+        except BaseException:
+            lv.stats.record_failure(_now_ns() - start)
+            raise
+        lv.stats.record_success(
+            batch,
+            end - start,
+            0,
+            decoded - start,
+            infer_end - decoded,
+            end - infer_end,
+            time.time_ns() // 1_000_000,
         )
         return response

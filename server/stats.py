@@ -1,13 +1,14 @@
 """Per-version inference statistics: the numbers behind ModelStatistics and /metrics.
 
-Everything here is updated on the event-loop thread only, so plain integers need no lock and
-the request path pays a few additions, not a metrics library call per counter.
+Everything here is updated on the event-loop thread only, so plain integers need no lock.
+The request path pays a handful of integer additions on flat slots; the Duration views that
+readers use are built only when statistics are read.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Upper bounds of the request latency histogram, in seconds.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -32,41 +33,57 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
 _BUCKET_BOUNDS_NS: tuple[int, ...] = tuple(int(b * 1e9) for b in LATENCY_BUCKETS_S)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Duration:
     """A count and a total in nanoseconds (Triton's StatisticDuration)."""
 
     count: int = 0
     ns: int = 0
 
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
-        self.ns += ns
 
-
-@dataclass
+@dataclass(frozen=True)
 class BatchStats:
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
 
 
-@dataclass
 class VersionStats:
     """Counters for one model version; they live as long as the server, across reloads."""
 
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-    inference_count: int = 0
-    execution_count: int = 0
-    last_inference_ms: int = 0
-    batches: dict[int, BatchStats] = field(default_factory=dict)
-    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(_BUCKET_BOUNDS_NS) + 1))
-    latency_sum_ns: int = 0
+    __slots__ = (
+        "_batches",
+        "compute_infer_ns",
+        "compute_input_ns",
+        "compute_output_ns",
+        "execution_count",
+        "fail_count",
+        "fail_ns",
+        "inference_count",
+        "last_inference_ms",
+        "latency_buckets",
+        "latency_sum_ns",
+        "queue_ns",
+        "success_count",
+        "success_ns",
+    )
+
+    def __init__(self) -> None:
+        self.success_count = 0
+        self.success_ns = 0
+        self.fail_count = 0
+        self.fail_ns = 0
+        self.queue_ns = 0
+        self.compute_input_ns = 0
+        self.compute_infer_ns = 0
+        self.compute_output_ns = 0
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        # batch size -> [count, input ns, infer ns, output ns]
+        self._batches: dict[int, list[int]] = {}
+        self.latency_buckets = [0] * (len(_BUCKET_BOUNDS_NS) + 1)
+        self.latency_sum_ns = 0
 
     def record_success(
         self,
@@ -78,23 +95,59 @@ class VersionStats:
         output_ns: int,
         now_ms: int,
     ) -> None:
-        """One request answered; it ran alone (direct scheduling) as one execution."""
-        self.success.add(total_ns)
-        self.queue.add(queue_ns)
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
+        """One request answered; with direct scheduling it was one execution of its own."""
+        self.success_count += 1
+        self.success_ns += total_ns
+        self.queue_ns += queue_ns
+        self.compute_input_ns += input_ns
+        self.compute_infer_ns += infer_ns
+        self.compute_output_ns += output_ns
         self.inference_count += batch
         self.execution_count += 1
         self.last_inference_ms = now_ms
-        b = self.batches.get(batch)
+        b = self._batches.get(batch)
         if b is None:
-            b = self.batches[batch] = BatchStats()
-        b.compute_input.add(input_ns)
-        b.compute_infer.add(infer_ns)
-        b.compute_output.add(output_ns)
+            b = self._batches[batch] = [0, 0, 0, 0]
+        b[0] += 1
+        b[1] += input_ns
+        b[2] += infer_ns
+        b[3] += output_ns
         self.latency_buckets[bisect.bisect_left(_BUCKET_BOUNDS_NS, total_ns)] += 1
         self.latency_sum_ns += total_ns
 
     def record_failure(self, total_ns: int) -> None:
-        self.fail.add(total_ns)
+        self.fail_count += 1
+        self.fail_ns += total_ns
+
+    # ---- read side ----------------------------------------------------------------------
+
+    @property
+    def success(self) -> Duration:
+        return Duration(self.success_count, self.success_ns)
+
+    @property
+    def fail(self) -> Duration:
+        return Duration(self.fail_count, self.fail_ns)
+
+    @property
+    def queue(self) -> Duration:
+        return Duration(self.success_count, self.queue_ns)
+
+    @property
+    def compute_input(self) -> Duration:
+        return Duration(self.success_count, self.compute_input_ns)
+
+    @property
+    def compute_infer(self) -> Duration:
+        return Duration(self.success_count, self.compute_infer_ns)
+
+    @property
+    def compute_output(self) -> Duration:
+        return Duration(self.success_count, self.compute_output_ns)
+
+    @property
+    def batches(self) -> dict[int, BatchStats]:
+        return {
+            size: BatchStats(Duration(n, i), Duration(n, f), Duration(n, o))
+            for size, (n, i, f, o) in list(self._batches.items())
+        }

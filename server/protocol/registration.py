@@ -24,6 +24,9 @@ class Malformed:
 
 MALFORMED = Malformed()
 
+# Methods that check for MALFORMED themselves, sparing the hot path a wrapper coroutine.
+CHECKS_OWN_INPUT = frozenset({"ModelInfer"})
+
 
 def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
@@ -70,7 +73,7 @@ def add_servicer(servicer: pbg.GRPCInferenceServiceServicer, server: grpc.aio.Se
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method, handler in capture.handlers.items():
         safe = handler._replace(request_deserializer=_safe(handler.request_deserializer))
-        if handler.unary_unary is not None:
+        if handler.unary_unary is not None and method not in CHECKS_OWN_INPUT:
             safe = safe._replace(unary_unary=_guard_unary(handler.unary_unary, method))
         handlers[method] = safe
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

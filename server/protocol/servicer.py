@@ -162,6 +162,10 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
     # ---- inference ----------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
+        if request is MALFORMED:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "malformed ModelInfer request: it does not parse"
+            )
         try:
             return await self.handler.infer(request)
         except ForsetiError as exc:

@@ -4,6 +4,7 @@ and numpy results back into a ModelInferResponse."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
@@ -71,8 +72,73 @@ def _from_contents(
         ) from None
 
 
+@dataclass(frozen=True)
+class _FastInput:
+    dtype: np.dtype
+    datatype: str
+    dims: tuple[int, ...]
+    nbytes_per_item: int
+
+
+_FAST_CACHE: dict[int, tuple[ModelSpec, dict[str, _FastInput]]] = {}
+
+
+def _fast_inputs(spec: ModelSpec) -> dict[str, _FastInput]:
+    cached = _FAST_CACHE.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    table = {
+        name: _FastInput(
+            ts.ttype.dtype, ts.ttype.name, ts.dims, ts.inner_count * ts.ttype.dtype.itemsize
+        )
+        for name, ts in spec.inputs.items()
+        if ts.fixed
+    }
+    _FAST_CACHE[id(spec)] = (spec, table)
+    return table
+
+
+def _decode_raw_fast(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dict, int] | None:
+    """The common case in one pass: raw tensors of fixed shape that match the config exactly.
+    Anything unusual returns None and goes through the full check, which words the error."""
+    table = _fast_inputs(spec)
+    max_batch = spec.max_batch_size
+    feeds: dict[str, np.ndarray] = {}
+    batch = -1
+    for tensor, data in zip(request.inputs, request.raw_input_contents):  # noqa: B905
+        name = tensor.name
+        fi = table.get(name)
+        if fi is None or tensor.datatype != fi.datatype or len(tensor.parameters) or name in feeds:
+            return None
+        shape = tuple(tensor.shape)
+        if max_batch:
+            if not shape or shape[1:] != fi.dims:
+                return None
+            b = shape[0]
+            if not 0 < b <= max_batch or (batch != -1 and b != batch):
+                return None
+        elif shape != fi.dims:
+            return None
+        else:
+            b = 1
+        if len(data) != b * fi.nbytes_per_item:
+            return None
+        feeds[name] = np.frombuffer(data, dtype=fi.dtype).reshape(shape)
+        batch = b
+    return feeds, batch
+
+
 def decode_inputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dict, int]:
     """Check every input against the config and return (feeds, batch size)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) == len(request.inputs) == len(spec.inputs):
+        fast = _decode_raw_fast(request, spec)
+        if fast is not None:
+            return fast
+    return _decode_checked(request, spec)
+
+
+def _decode_checked(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dict, int]:
     model = request.model_name
     raw = request.raw_input_contents
     inputs = request.inputs
@@ -151,13 +217,38 @@ def requested_outputs(
     return names
 
 
-def encode_outputs(
-    response: pb.ModelInferResponse, names: list[str], results: list[np.ndarray]
-) -> None:
-    """Append the results to the response as raw little-endian bytes."""
-    for name, arr in zip(names, results, strict=True):
-        out = response.outputs.add()
-        out.name = name
-        out.datatype = BY_DTYPE[arr.dtype].name
-        out.shape.extend(arr.shape)
-        response.raw_output_contents.append(arr.tobytes())
+_OutputTensor = pb.ModelInferResponse.InferOutputTensor
+_TEMPLATE_LIMIT = 256
+
+
+class ResponseBuilder:
+    """Builds responses from a cached template per (outputs, shapes): copying a prebuilt
+    message is about five times cheaper than constructing the output tensors each time."""
+
+    def __init__(self, model: str, version: str) -> None:
+        self.model = model
+        self.version = version
+        self._templates: dict[tuple, pb.ModelInferResponse] = {}
+
+    def build(
+        self, request_id: str, names: list[str], results: list[np.ndarray]
+    ) -> pb.ModelInferResponse:
+        key = (*names, *[arr.shape for arr in results])
+        template = self._templates.get(key)
+        if template is None:
+            template = pb.ModelInferResponse(
+                model_name=self.model,
+                model_version=self.version,
+                outputs=[
+                    _OutputTensor(name=name, datatype=BY_DTYPE[arr.dtype].name, shape=arr.shape)
+                    for name, arr in zip(names, results, strict=True)
+                ],
+            )
+            if len(self._templates) >= _TEMPLATE_LIMIT:
+                self._templates.clear()
+            self._templates[key] = template
+        response = pb.ModelInferResponse()
+        response.CopyFrom(template)
+        response.id = request_id
+        response.raw_output_contents.extend([arr.tobytes() for arr in results])
+        return response

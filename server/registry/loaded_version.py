@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from forseti.server.backends.base import Backend
+from forseti.server.protocol.tensors import ResponseBuilder
 from forseti.server.repository.config import ModelSpec
 from forseti.server.scheduler.direct import DirectScheduler
 from forseti.server.stats import VersionStats
@@ -27,6 +28,7 @@ class LoadedVersion:
     fingerprint: tuple
     output_names: list[str] = field(init=False)
     version_str: str = field(init=False)
+    responses: ResponseBuilder = field(init=False)
     inflight: int = 0
     retired: bool = False
     released: bool = False
@@ -34,6 +36,7 @@ class LoadedVersion:
     def __post_init__(self) -> None:
         self.output_names = list(self.spec.outputs)
         self.version_str = str(self.version)
+        self.responses = ResponseBuilder(self.model, self.version_str)
 
     def acquire(self) -> None:
         self.inflight += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,16 @@ class TensorSpec:
     name: str
     ttype: TritonType
     dims: tuple[int, ...]
+
+    @property
+    def fixed(self) -> bool:
+        """No variable (-1) dimension besides the batch."""
+        return -1 not in self.dims
+
+    @property
+    def inner_count(self) -> int:
+        """Elements per batch item when the dims are fixed."""
+        return math.prod(self.dims)
 
     def describe(self, batched: bool) -> str:
         dims = ("-1", *map(str, self.dims)) if batched else tuple(map(str, self.dims))
