@@ -223,15 +223,10 @@ class ModelRegistry:
             # Nothing the policy asks for could be loaded: keep whatever is live.
             new_map = dict(entry.versions)
         self._swap(entry, new_map)
-        for v, lv in new_map.items():
-            if v not in failures or lv is entry.versions.get(v):
-                entry.status[v] = (
-                    VersionStatus(READY)
-                    if v not in failures
-                    else VersionStatus(
-                        READY, f"reload failed, previous load serving: {failures[v]}"
-                    )
-                )
+        for v in new_map:
+            # A version whose reload failed keeps serving its previous load; say so.
+            reason = f"reload failed, previous load serving: {failures[v]}" if v in failures else ""
+            entry.status[v] = VersionStatus(READY, reason)
         if failures:
             summary = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
             entry.reason = summary if not entry.versions else ""
