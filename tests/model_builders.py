@@ -65,11 +65,11 @@ def _model_bytes(graph: onnx.GraphProto) -> bytes:
     return model.SerializeToString()
 
 
-def policy_onnx(tag: int, hidden: int = 32) -> bytes:
+def policy_onnx(tag: int, hidden: int = 32, obs_dim: int = OBS_DIM) -> bytes:
     """An MLP policy obs[-1,8] -> logits[-1,4], action[-1,1]. The bias makes action == tag % 4
     for observations in [-1, 1], so a test can tell versions apart by their answers."""
     rng = np.random.default_rng(tag)
-    w1 = rng.standard_normal((OBS_DIM, hidden)).astype(np.float32) * 0.1
+    w1 = rng.standard_normal((obs_dim, hidden)).astype(np.float32) * 0.1
     w2 = rng.standard_normal((hidden, N_ACTIONS)).astype(np.float32) * 0.1
     b2 = np.zeros(N_ACTIONS, np.float32)
     b2[tag % N_ACTIONS] = 100.0
@@ -82,7 +82,7 @@ def policy_onnx(tag: int, hidden: int = 32) -> bytes:
             helper.make_node("ArgMax", ["logits"], ["action"], axis=1, keepdims=1),
         ],
         "policy",
-        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", OBS_DIM])],
+        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", obs_dim])],
         [
             helper.make_tensor_value_info("action", TensorProto.INT64, ["batch", 1]),
             helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", N_ACTIONS]),

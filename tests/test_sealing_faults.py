@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc as grpcclient
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from forseti.server.security.keyring import Keyring
@@ -67,29 +67,6 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def policy_onnx_obs6() -> bytes:
-    """A well-formed policy whose observation has 6 features; the config says 8."""
-    rng = np.random.default_rng(6)
-    w1 = rng.standard_normal((6, 4)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["obs", "w1"], ["logits"]),
-            helper.make_node("ArgMax", ["logits"], ["action"], axis=1, keepdims=1),
-        ],
-        "policy_obs6",
-        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", 6])],
-        [
-            helper.make_tensor_value_info("action", TensorProto.INT64, ["batch", 1]),
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4]),
-        ],
-        [numpy_helper.from_array(w1, "w1")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 # ---- a faulty v2 never replaces v1 ------------------------------------------------------------
 
 
@@ -124,7 +101,7 @@ def _missing_artifact(repo: Path, keyring: Keyring) -> None:
 
 
 def _onnx_disagrees_with_config(repo: Path, keyring: Keyring) -> None:
-    publish_sealed(repo, "policy", policy_onnx_obs6(), keyring, version=2)
+    publish_sealed(repo, "policy", policy_onnx(2, obs_dim=6), keyring, version=2)
 
 
 FAULTS = {
