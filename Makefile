@@ -30,7 +30,7 @@ lint: $(VENV)/.installed-dev
 	$(PY) -m ruff format --check .
 
 bench: $(VENV)/.installed-dev
-	$(PY) loadtests/bench_latency.py
+	$(PY) -m loadtests.bench_latency
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
