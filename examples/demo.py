@@ -129,12 +129,14 @@ def main() -> int:
                 )
         print(f"   200 decisions: p50 {np.percentile(latencies, 50):.2f} ms, "
               f"p99 {np.percentile(latencies, 99):.2f} ms")  # fmt: skip
+        obs = np.array([0, 0, 0.1, 0.1])
+        before, version_before, _ = decide(client, obs)
         v2 = publish(keyring, policy_onnx(-1.0))
         client.load_model(MODEL)
-        obs = np.array([0, 0, 0.1, 0.1])
         action, version, _ = decide(client, obs)
         print(
-            f"5. hot-swapped to version {v2}: same obs now -> action {action} (version {version})"
+            f"5. hot-swapped to version {v2}: obs {obs} -> action {before} "
+            f"(version {version_before}) before, action {action} (version {version}) after"
         )
         stats = client.get_inference_statistics(MODEL).model_stats
         for s in stats:
