@@ -40,6 +40,7 @@ class ServerOptions:
     strict_readiness: bool = True
     max_request_bytes: int = 8 * 1024 * 1024
     max_batch_size: int = 4096
+    max_inflight_requests: int = 1024
     exit_timeout_secs: float = 30.0
 
 
@@ -105,7 +106,7 @@ async def serve(options: ServerOptions) -> int:
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_servicer(TritonServicer(registry, state), server)
+    add_servicer(TritonServicer(registry, state, options.max_inflight_requests), server)
     address = f"{options.grpc_address}:{options.grpc_port}"
     try:
         server.add_insecure_port(address)

@@ -78,6 +78,13 @@ def _serve_parser() -> argparse.ArgumentParser:
         default=4096,
         help="largest max_batch_size a model config may declare",
     )
+    p.add_argument(
+        "--max-inflight-requests",
+        type=int,
+        default=1024,
+        help="server-wide limit of queued/running inference requests; more get "
+        "RESOURCE_EXHAUSTED at once (0: no limit)",
+    )
     p.add_argument("--exit-timeout-secs", type=float, default=30.0, help="drain time on stop")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
@@ -112,6 +119,7 @@ def main_serve(argv: list[str]) -> int:
         strict_readiness=args.strict_readiness,
         max_request_bytes=args.max_request_bytes,
         max_batch_size=args.max_batch_size,
+        max_inflight_requests=args.max_inflight_requests,
         exit_timeout_secs=args.exit_timeout_secs,
     )
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 
+import grpc
 from tritonclient.grpc import service_pb2 as pb
 
+from forseti.server.errors import ResourceExhausted
 from forseti.server.protocol.tensors import decode_inputs, requested_outputs
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
@@ -16,16 +18,27 @@ _now_ns = time.monotonic_ns
 class InferenceHandler:
     """Answers one ModelInferRequest against the registry's live versions."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, max_inflight: int = 0) -> None:
         self.registry = registry
+        self.max_inflight = max_inflight  # 0: no server-wide limit
+        self.inflight = 0  # requests waiting on a queue or a worker thread
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None = None
+    ) -> pb.ModelInferResponse:
         """Run the request on the version it routes to; raises ForsetiError on bad input."""
         start = _now_ns()
         lv = self.registry.route(request.model_name, request.model_version)
+        if self.max_inflight and self.inflight >= self.max_inflight:
+            raise ResourceExhausted(
+                f"server is at its limit of {self.max_inflight} in-flight requests; retry later"
+            )
+        if lv.batcher is not None:
+            return await self._infer_batched(lv, request, start, context)
         if lv.scheduler.inline:
             return self._infer_inline(lv, request, start)
         lv.acquire()
+        self.inflight += 1
         try:
             spec = lv.spec
             feeds, batch = decode_inputs(request, spec)
@@ -39,6 +52,7 @@ class InferenceHandler:
             lv.stats.record_failure(_now_ns() - start)
             raise
         finally:
+            self.inflight -= 1
             lv.release()
         lv.stats.record_success(
             batch,
@@ -47,6 +61,47 @@ class InferenceHandler:
             decoded - start,
             infer_end - infer_start,
             end - infer_end,
+            time.time_ns() // 1_000_000,
+        )
+        return response
+
+    async def _infer_batched(
+        self,
+        lv: LoadedVersion,
+        request: pb.ModelInferRequest,
+        start: int,
+        context: grpc.aio.ServicerContext | None,
+    ) -> pb.ModelInferResponse:
+        """Queue for the dynamic batcher; the version drains before it is released."""
+        assert lv.batcher is not None
+        lv.acquire()
+        self.inflight += 1
+        try:
+            spec = lv.spec
+            feeds, batch = decode_inputs(request, spec)
+            names = requested_outputs(request, spec, lv.output_names)
+            grpc_deadline = 0
+            if context is not None:
+                remaining = context.time_remaining()
+                if remaining is not None:
+                    grpc_deadline = _now_ns() + int(remaining * 1e9)
+            decoded = _now_ns()
+            result = await lv.batcher.submit(feeds, batch, names, request.parameters, grpc_deadline)
+            answered = _now_ns()
+            response = lv.responses.build(request.id, names, result.outputs)
+            end = _now_ns()
+        except BaseException:
+            lv.stats.record_failure(_now_ns() - start)
+            raise
+        finally:
+            self.inflight -= 1
+            lv.release()
+        lv.stats.record_request(
+            end - start,
+            result.queue_ns,
+            decoded - start,
+            result.infer_ns,
+            end - answered,
             time.time_ns() // 1_000_000,
         )
         return response

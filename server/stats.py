@@ -115,6 +115,38 @@ class VersionStats:
         self.latency_buckets[bisect.bisect_left(_BUCKET_BOUNDS_NS, total_ns)] += 1
         self.latency_sum_ns += total_ns
 
+    def record_request(
+        self,
+        total_ns: int,
+        queue_ns: int,
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+        now_ms: int,
+    ) -> None:
+        """One request answered out of a batch; its execution is counted by the batcher."""
+        self.success_count += 1
+        self.success_ns += total_ns
+        self.queue_ns += queue_ns
+        self.compute_input_ns += input_ns
+        self.compute_infer_ns += infer_ns
+        self.compute_output_ns += output_ns
+        self.last_inference_ms = now_ms
+        self.latency_buckets[bisect.bisect_left(_BUCKET_BOUNDS_NS, total_ns)] += 1
+        self.latency_sum_ns += total_ns
+
+    def record_execution(self, batch: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One model execution of `batch` items (a formed batch)."""
+        self.inference_count += batch
+        self.execution_count += 1
+        b = self._batches.get(batch)
+        if b is None:
+            b = self._batches[batch] = [0, 0, 0, 0]
+        b[0] += 1
+        b[1] += input_ns
+        b[2] += infer_ns
+        b[3] += output_ns
+
     def record_failure(self, total_ns: int) -> None:
         self.fail_count += 1
         self.fail_ns += total_ns

@@ -84,10 +84,10 @@ def _version_statistics(lv: LoadedVersion) -> pb.ModelStatistics:
 class TritonServicer(pbg.GRPCInferenceServiceServicer):
     """Every RPC of the service; errors become gRPC statuses, never a crash."""
 
-    def __init__(self, registry: ModelRegistry, state: ServerState) -> None:
+    def __init__(self, registry: ModelRegistry, state: ServerState, max_inflight: int = 0) -> None:
         self.registry = registry
         self.state = state
-        self.handler = InferenceHandler(registry)
+        self.handler = InferenceHandler(registry, max_inflight)
 
     # ---- health and metadata ------------------------------------------------------------
 
@@ -167,7 +167,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "malformed ModelInfer request: it does not parse"
             )
         try:
-            return await self.handler.infer(request)
+            return await self.handler.infer(request, context)
         except ForsetiError as exc:
             await context.abort(exc.code, exc.message)
         except Exception:
@@ -181,7 +181,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
                 yield _stream_error(pb.ModelInferRequest(), "malformed ModelInferRequest")
                 continue
             try:
-                response = await self.handler.infer(request)
+                response = await self.handler.infer(request, context)
             except ForsetiError as exc:
                 yield _stream_error(request, exc.message)
                 continue

@@ -9,6 +9,7 @@ from forseti.server.backends.base import Backend
 from forseti.server.protocol.tensors import ResponseBuilder
 from forseti.server.repository.config import ModelSpec
 from forseti.server.scheduler.direct import DirectScheduler
+from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class LoadedVersion:
     stats: VersionStats
     digest: str  # sha256 of the artifact file as stored (sealed bytes)
     fingerprint: tuple
+    batcher: DynamicBatcher | None = None
     output_names: list[str] = field(init=False)
     version_str: str = field(init=False)
     responses: ResponseBuilder = field(init=False)
@@ -64,5 +66,7 @@ class LoadedVersion:
             return
         self.released = True
         self.scheduler.close()
+        if self.batcher is not None:
+            self.batcher.close()
         self.backend.close()
         log.info("version released", extra={"model": self.model, "version": self.version})

@@ -37,6 +37,7 @@ from forseti.server.repository.layout import (
     version_dirs,
 )
 from forseti.server.scheduler.direct import INLINE_BUDGET_NS, DirectScheduler
+from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
 from forseti.server.security.keyring import Keyring
 from forseti.server.security.sealed import SealError, open_sealed
 from forseti.server.stats import VersionStats
@@ -202,17 +203,34 @@ class ModelRegistry:
                 if existing is not None:
                     new_map[v] = existing  # the live one keeps serving
                 continue
+            stats = self.stats.setdefault((name, v), VersionStats())
+            try:
+                batcher = (
+                    DynamicBatcher(spec, opened.backend, stats)
+                    if spec.config.HasField("dynamic_batching")
+                    else None
+                )
+            except ModelLoadError as exc:
+                opened.backend.close()
+                failures[v] = exc.reason
+                entry.status[v] = VersionStatus(UNAVAILABLE, exc.reason)
+                if existing is not None:
+                    new_map[v] = existing
+                continue
             new_map[v] = LoadedVersion(
                 model=name,
                 version=v,
                 spec=spec,
                 backend=opened.backend,
                 scheduler=DirectScheduler(
-                    opened.backend, name, _runs_inline(spec, opened.backend, opened.warm_ns)
+                    opened.backend,
+                    name,
+                    batcher is None and _runs_inline(spec, opened.backend, opened.warm_ns),
                 ),
-                stats=self.stats.setdefault((name, v), VersionStats()),
+                stats=stats,
                 digest=opened.digest,
                 fingerprint=opened.fingerprint,
+                batcher=batcher,
             )
             log.info(
                 "version loaded",

@@ -1,0 +1,339 @@
+"""Dynamic batching as Triton's `dynamic_batching` config defines it.
+
+Requests wait in per-priority queues; `instance_count` executors each take a batch (up to
+`max_batch_size`, stopping early at a preferred size or once the oldest request has waited
+`max_queue_delay_microseconds`), run it on a worker thread, and hand each request its slice of
+the outputs. A full queue refuses at once (RESOURCE_EXHAUSTED); a request whose timeout (its
+`timeout` parameter, the queue policy's default, or its gRPC deadline) expires while queued is
+dropped before it is computed; a cancelled request is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from forseti.server.backends.base import Backend
+from forseti.server.errors import InvalidArgument, ModelLoadError, ResourceExhausted, Unavailable
+from forseti.server.repository.config import ModelSpec
+from forseti.server.stats import VersionStats
+
+log = logging.getLogger(__name__)
+
+_now_ns = time.monotonic_ns
+_REJECT = mc.ModelQueuePolicy.REJECT
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """One priority level's queue rules (Triton's ModelQueuePolicy)."""
+
+    max_queue_size: int  # 0: unbounded
+    default_timeout_ns: int  # 0: none
+    allow_timeout_override: bool
+    reject_on_timeout: bool
+
+    @classmethod
+    def from_config(cls, policy: mc.ModelQueuePolicy) -> QueuePolicy:
+        return cls(
+            max_queue_size=int(policy.max_queue_size),
+            default_timeout_ns=int(policy.default_timeout_microseconds) * 1000,
+            allow_timeout_override=bool(policy.allow_timeout_override),
+            reject_on_timeout=policy.timeout_action == _REJECT,
+        )
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """The checked `dynamic_batching` settings of a model."""
+
+    max_batch_size: int
+    preferred: tuple[int, ...]
+    max_delay_ns: int
+    levels: int  # priority levels; 1 when priorities are off
+    default_level: int  # 1-based
+    policies: tuple[QueuePolicy, ...]  # index = level - 1
+
+    @classmethod
+    def from_config(cls, spec: ModelSpec) -> BatchingSpec:
+        db = spec.config.dynamic_batching
+        if spec.max_batch_size < 1:
+            raise ModelLoadError("dynamic_batching needs max_batch_size > 0")
+        preferred = tuple(sorted(set(int(p) for p in db.preferred_batch_size)))
+        if any(p < 1 or p > spec.max_batch_size for p in preferred):
+            raise ModelLoadError(
+                f"preferred_batch_size {list(preferred)} must lie in 1..{spec.max_batch_size}"
+            )
+        levels = max(int(db.priority_levels), 1)
+        default_level = int(db.default_priority_level) or (levels + 1) // 2
+        if db.priority_levels and not 1 <= default_level <= levels:
+            raise ModelLoadError(f"default_priority_level {default_level} must lie in 1..{levels}")
+        default_policy = QueuePolicy.from_config(db.default_queue_policy)
+        policies = []
+        for level in range(1, levels + 1):
+            if level in db.priority_queue_policy:
+                policies.append(QueuePolicy.from_config(db.priority_queue_policy[level]))
+            else:
+                policies.append(default_policy)
+        return cls(
+            max_batch_size=spec.max_batch_size,
+            preferred=preferred,
+            max_delay_ns=int(db.max_queue_delay_microseconds) * 1000,
+            levels=levels,
+            default_level=default_level if db.priority_levels else 1,
+            policies=tuple(policies),
+        )
+
+
+@dataclass(eq=False)
+class Pending:
+    """A request waiting in a queue."""
+
+    feeds: dict[str, np.ndarray]
+    batch: int
+    names: list[str]
+    shapes: tuple
+    enqueued_ns: int
+    deadline_ns: int  # 0: none
+    future: asyncio.Future = field(repr=False)
+    queue_ns: int = 0
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a request gets back: its outputs and where its time went."""
+
+    outputs: list[np.ndarray]
+    queue_ns: int
+    infer_ns: int
+
+
+def _param_int(request_params, key: str) -> int | None:
+    if key not in request_params:
+        return None
+    p = request_params[key]
+    which = p.WhichOneof("parameter_choice")
+    if which in ("int64_param", "uint64_param"):
+        return int(getattr(p, which))
+    raise InvalidArgument(f"request parameter '{key}' must be an integer, got {which}")
+
+
+class DynamicBatcher:
+    """Queues, forms batches and runs them on `backend.instance_count` executor threads."""
+
+    def __init__(self, spec: ModelSpec, backend: Backend, stats: VersionStats) -> None:
+        self.spec = spec
+        self.settings = BatchingSpec.from_config(spec)
+        self.backend = backend
+        self.stats = stats
+        self.output_names = list(spec.outputs)
+        self._queues: list[deque[Pending]] = [deque() for _ in range(self.settings.levels)]
+        self._arrived = asyncio.Event()
+        self._pool = ThreadPoolExecutor(
+            max_workers=backend.instance_count, thread_name_prefix=f"forseti-batch-{spec.name}"
+        )
+        self._workers = [
+            asyncio.get_running_loop().create_task(self._executor_loop())
+            for _ in range(backend.instance_count)
+        ]
+        self._closed = False
+
+    # ---- submitting ---------------------------------------------------------------------
+
+    def _level_and_timeout(self, parameters, grpc_deadline_ns: int) -> tuple[int, int]:
+        s = self.settings
+        priority = _param_int(parameters, "priority") if len(parameters) else None
+        level = s.default_level
+        if priority and s.levels > 1:
+            if not 1 <= priority <= s.levels:
+                raise InvalidArgument(
+                    f"priority {priority} is outside the model's 1..{s.levels} priority levels"
+                )
+            level = priority
+        policy = s.policies[level - 1]
+        timeout_ns = policy.default_timeout_ns
+        requested = _param_int(parameters, "timeout") if len(parameters) else None
+        if requested is not None:
+            if requested < 0:
+                raise InvalidArgument(f"request timeout must be >= 0 microseconds, got {requested}")
+            if requested and (policy.allow_timeout_override or not timeout_ns):
+                timeout_ns = requested * 1000
+            elif requested:
+                timeout_ns = min(timeout_ns, requested * 1000)
+        deadline = _now_ns() + timeout_ns if timeout_ns else 0
+        if grpc_deadline_ns and (not deadline or grpc_deadline_ns < deadline):
+            deadline = grpc_deadline_ns
+        return level, deadline
+
+    async def submit(
+        self,
+        feeds: dict[str, np.ndarray],
+        batch: int,
+        names: list[str],
+        parameters,
+        grpc_deadline_ns: int = 0,
+    ) -> BatchResult:
+        """Queue a request and wait for its slice of a batch."""
+        if self._closed:
+            raise Unavailable(f"model '{self.spec.name}' version is being unloaded")
+        level, deadline = self._level_and_timeout(parameters, grpc_deadline_ns)
+        queue = self._queues[level - 1]
+        limit = self.settings.policies[level - 1].max_queue_size
+        if limit and len(queue) >= limit:
+            raise ResourceExhausted(
+                f"queue of model '{self.spec.name}' is full ({limit} requests waiting); retry later"
+            )
+        shapes = tuple(arr.shape[1:] for arr in feeds.values())
+        pending = Pending(
+            feeds=feeds,
+            batch=batch,
+            names=names,
+            shapes=shapes,
+            enqueued_ns=_now_ns(),
+            deadline_ns=deadline,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        queue.append(pending)
+        self._arrived.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            pending.future.cancel()  # a cancelled call is skipped, never computed
+            raise
+
+    # ---- forming and running batches ----------------------------------------------------
+
+    def _queued_items(self) -> int:
+        total = 0
+        for q in self._queues:
+            for p in q:
+                if not p.future.done():
+                    total += p.batch
+        return total
+
+    def _oldest_enqueued(self) -> int | None:
+        oldest = None
+        for q in self._queues:
+            for p in q:
+                if not p.future.done():
+                    oldest = p.enqueued_ns if oldest is None else min(oldest, p.enqueued_ns)
+                    break
+        return oldest
+
+    def _full_size(self) -> int:
+        """The batch worth running at once: the largest preferred size, else the maximum."""
+        s = self.settings
+        return s.preferred[-1] if s.preferred else s.max_batch_size
+
+    def _take(self) -> list[Pending]:
+        """Pop a batch: highest priority first, same inner shapes, at most the full size (or
+        max_batch_size once the delay ran out and no preferred size could be formed)."""
+        s = self.settings
+        now = _now_ns()
+        taken: list[Pending] = []
+        total = 0
+        shapes = None
+        target = self._full_size()
+        for level, q in enumerate(self._queues):
+            while q:
+                p = q[0]
+                if p.future.done():  # cancelled by its caller
+                    q.popleft()
+                    continue
+                if p.deadline_ns and now >= p.deadline_ns and s.policies[level].reject_on_timeout:
+                    q.popleft()
+                    p.future.set_exception(
+                        Unavailable("request timeout expired while queued; it was not computed")
+                    )
+                    self.stats.record_failure(now - p.enqueued_ns)
+                    continue
+                if shapes is None:
+                    shapes = p.shapes
+                elif p.shapes != shapes or total + p.batch > target:
+                    return taken
+                q.popleft()
+                taken.append(p)
+                total += p.batch
+                if total >= target:
+                    return taken
+        return taken
+
+    async def _wait_for_batch(self) -> None:
+        """Wait until a batch is worth running: full, at a preferred size, or delayed enough."""
+        while True:
+            oldest = self._oldest_enqueued()
+            if oldest is None:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            queued = self._queued_items()
+            remaining = oldest + self.settings.max_delay_ns - _now_ns()
+            if remaining <= 0 or queued >= self._full_size():
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining / 1e9)
+
+    async def _executor_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            batch: list[Pending] = []
+            try:
+                await self._wait_for_batch()
+                batch = self._take()
+                if not batch:
+                    continue
+                started = _now_ns()
+                for p in batch:
+                    p.queue_ns = started - p.enqueued_ns
+                feeds = _concatenate(batch)
+                outputs = await loop.run_in_executor(
+                    self._pool, self.backend.run, feeds, self.output_names
+                )
+                infer_ns = _now_ns() - started
+                self._deliver(batch, outputs, infer_ns)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("batch execution failed", extra={"model": self.spec.name})
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+
+    def _deliver(self, batch: list[Pending], outputs: list[np.ndarray], infer_ns: int) -> None:
+        total = sum(p.batch for p in batch)
+        self.stats.record_execution(total, 0, infer_ns, 0)
+        index = {name: i for i, name in enumerate(self.output_names)}
+        offset = 0
+        for p in batch:
+            end = offset + p.batch
+            if not p.future.done():
+                picked = [outputs[index[n]][offset:end] for n in p.names]
+                p.future.set_result(BatchResult(picked, p.queue_ns, infer_ns))
+            offset = end
+
+    def close(self) -> None:
+        """Stop the executors; requests still queued are refused."""
+        self._closed = True
+        for w in self._workers:
+            w.cancel()
+        for q in self._queues:
+            while q:
+                p = q.popleft()
+                if not p.future.done():
+                    p.future.set_exception(Unavailable("model version unloaded"))
+        self._pool.shutdown(wait=False)
+
+
+def _concatenate(batch: list[Pending]) -> dict[str, np.ndarray]:
+    if len(batch) == 1:
+        return batch[0].feeds
+    return {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
