@@ -253,7 +253,6 @@ class DynamicBatcher:
                     p.future.set_exception(
                         Unavailable("request timeout expired while queued; it was not computed")
                     )
-                    self.stats.record_failure(now - p.enqueued_ns)
                     continue
                 if shapes is None:
                     shapes = p.shapes
