@@ -26,7 +26,13 @@ from forseti.server.stats import Duration
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["model_repository", "model_configuration", "statistics", "forseti_sealed_artifacts"]
+EXTENSIONS = [
+    "model_repository",
+    "model_configuration",
+    "schedule_policy",
+    "statistics",
+    "forseti_sealed_artifacts",
+]
 
 
 @dataclass

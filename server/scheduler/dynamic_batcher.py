@@ -136,6 +136,7 @@ class DynamicBatcher:
         self.stats = stats
         self.output_names = list(spec.outputs)
         self._queues: list[deque[Pending]] = [deque() for _ in range(self.settings.levels)]
+        self._queued = 0  # batch items in the queues, cancelled ones until they are dropped
         self._arrived = asyncio.Event()
         self._pool = ThreadPoolExecutor(
             max_workers=backend.instance_count, thread_name_prefix=f"forseti-batch-{spec.name}"
@@ -202,6 +203,7 @@ class DynamicBatcher:
             future=asyncio.get_running_loop().create_future(),
         )
         queue.append(pending)
+        self._queued += batch
         self._arrived.set()
         try:
             return await pending.future
@@ -211,21 +213,14 @@ class DynamicBatcher:
 
     # ---- forming and running batches ----------------------------------------------------
 
-    def _queued_items(self) -> int:
-        total = 0
-        for q in self._queues:
-            for p in q:
-                if not p.future.done():
-                    total += p.batch
-        return total
-
     def _oldest_enqueued(self) -> int | None:
+        """Enqueue time of the oldest live request; cancelled heads are dropped on the way."""
         oldest = None
         for q in self._queues:
-            for p in q:
-                if not p.future.done():
-                    oldest = p.enqueued_ns if oldest is None else min(oldest, p.enqueued_ns)
-                    break
+            while q and q[0].future.done():
+                self._queued -= q.popleft().batch
+            if q and (oldest is None or q[0].enqueued_ns < oldest):
+                oldest = q[0].enqueued_ns
         return oldest
 
     def _full_size(self) -> int:
@@ -246,10 +241,10 @@ class DynamicBatcher:
             while q:
                 p = q[0]
                 if p.future.done():  # cancelled by its caller
-                    q.popleft()
+                    self._queued -= q.popleft().batch
                     continue
                 if p.deadline_ns and now >= p.deadline_ns and s.policies[level].reject_on_timeout:
-                    q.popleft()
+                    self._queued -= q.popleft().batch
                     p.future.set_exception(
                         Unavailable("request timeout expired while queued; it was not computed")
                     )
@@ -258,7 +253,7 @@ class DynamicBatcher:
                     shapes = p.shapes
                 elif p.shapes != shapes or total + p.batch > target:
                     return taken
-                q.popleft()
+                self._queued -= q.popleft().batch
                 taken.append(p)
                 total += p.batch
                 if total >= target:
@@ -273,7 +268,7 @@ class DynamicBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            queued = self._queued_items()
+            queued = self._queued
             remaining = oldest + self.settings.max_delay_ns - _now_ns()
             if remaining <= 0 or queued >= self._full_size():
                 return
