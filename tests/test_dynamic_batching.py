@@ -189,3 +189,29 @@ def test_non_integer_timeout_parameter_is_invalid_argument(
             stub.ModelInfer(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'timeout' must be an integer" in info.value.details()
+
+
+def test_higher_priority_request_runs_before_an_earlier_lower_priority_one(
+    tmp_path: Path, keyring: Keyring, start_server
+) -> None:
+    repo = _slow_repo(tmp_path, keyring, "dynamic_batching { priority_levels: 2 }")
+    server = start_server(repo)
+    finished: list[str] = []
+
+    def call(tag: str, priority: int) -> None:
+        results: list = []
+        _slow_call(server.url, results, priority=priority)
+        assert results[0][0] == "ok", results
+        finished.append(tag)
+
+    blocker = threading.Thread(target=call, args=("blocker", 1))
+    low = threading.Thread(target=call, args=("low", 2))
+    high = threading.Thread(target=call, args=("high", 1))
+    blocker.start()
+    time.sleep(0.01)  # the blocker runs for well over 20 ms; the next two queue behind it
+    low.start()
+    time.sleep(0.01)
+    high.start()
+    for t in (blocker, low, high):
+        t.join(60)
+    assert finished == ["blocker", "high", "low"]
