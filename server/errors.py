@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import grpc
 
+# gRPC carries a status message in trailing metadata, which clients drop past 8-16 KiB, losing
+# the status itself; messages quote client strings, so they are capped well below that.
+MAX_MESSAGE_CHARS = 1024
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """A client-supplied string as it may appear in a message: shortened, printable."""
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class ForsetiError(Exception):
     """An error with a gRPC status code and a message that is safe to send to a client."""
@@ -11,6 +21,8 @@ class ForsetiError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.message = message
         if code is not None:

@@ -108,7 +108,13 @@ def _decode_raw_fast(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[di
     for tensor, data in zip(request.inputs, request.raw_input_contents):  # noqa: B905
         name = tensor.name
         fi = table.get(name)
-        if fi is None or tensor.datatype != fi.datatype or len(tensor.parameters) or name in feeds:
+        if (
+            fi is None
+            or tensor.datatype != fi.datatype
+            or len(tensor.parameters)
+            or name in feeds
+            or tensor.HasField("contents")
+        ):
             return None
         shape = tuple(tensor.shape)
         if max_batch:
@@ -158,6 +164,11 @@ def _decode_checked(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dic
             )
         if name in feeds:
             raise InvalidArgument(f"input '{name}' appears more than once")
+        if raw and tensor.HasField("contents"):
+            raise InvalidArgument(
+                f"input '{name}' has typed contents while the request uses raw_input_contents; "
+                "send each tensor one way"
+            )
         if tensor.datatype != ts.ttype.name:
             shown = tensor.datatype[:16]
             if tensor.datatype not in BY_NAME and tensor.datatype != "BYTES":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from forseti.server.backends import create_backend
 from forseti.server.backends.base import Backend
-from forseti.server.errors import ModelLoadError, NotFound, Unavailable
+from forseti.server.errors import ModelLoadError, NotFound, Unavailable, shown
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.warmup import warm_up
 from forseti.server.repository.config import (
@@ -110,16 +110,15 @@ class ModelRegistry:
         if entry is None:
             if self._in_repository(name):
                 raise Unavailable(f"model '{name}' is not loaded")
-            raise NotFound(f"unknown model '{name}'")
+            raise NotFound(f"unknown model '{shown(name)}'")
         if not version:
             lv = entry.latest
             if lv is None:
                 raise Unavailable(f"model '{name}' has no ready version{_why(entry.reason)}")
             return lv
-        try:
-            number = int(version)
-        except ValueError:
-            raise NotFound(f"model '{name}' has no version '{version[:32]}'") from None
+        if not (version.isascii() and version.isdigit()) or len(version) > 18:
+            raise NotFound(f"model '{name}' has no version '{shown(version)}'")
+        number = int(version)
         lv = entry.versions.get(number)
         if lv is None:
             status = entry.status.get(number)
@@ -129,13 +128,12 @@ class ModelRegistry:
         return lv
 
     def _in_repository(self, name: str) -> bool:
-        return (
-            bool(name)
-            and not is_hidden(name)
-            and "/" not in name
-            and "\x00" not in name
-            and (self.repository / name).is_dir()
-        )
+        if not name or is_hidden(name) or "/" in name or "\x00" in name:
+            return False
+        try:
+            return (self.repository / name).is_dir()
+        except OSError:  # e.g. a name longer than the file system allows
+            return False
 
     # ---- loading and swapping -----------------------------------------------------------
 
@@ -145,7 +143,7 @@ class ModelRegistry:
         Raises ModelLoadError when anything failed; whatever was live before keeps serving.
         """
         if not self._in_repository(name):
-            raise NotFound(f"model '{name}' is not in the model repository")
+            raise NotFound(f"model '{shown(name)}' is not in the model repository")
         entry = self.models.get(name)
         if entry is None:
             entry = self.models[name] = ModelEntry(name)
@@ -313,7 +311,7 @@ class ModelRegistry:
         if entry is None:
             if self._in_repository(name):
                 return
-            raise NotFound(f"unknown model '{name}'")
+            raise NotFound(f"unknown model '{shown(name)}'")
         async with entry.lock:
             entry.wanted = False
             self._swap(entry, {})
