@@ -37,9 +37,20 @@ class ServerProcess:
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
-        self.grpc_port = free_port()
-        self.metrics_port = free_port()
+    @property
+    def pid(self) -> int:
+        """The server's own process id (it is started directly, with no shell between)."""
+        assert self.proc is not None, "the server was never started"
+        return self.proc.pid
+
+    def start(
+        self, wait_ready: bool = True, timeout: float = 60.0, same_ports: bool = False
+    ) -> ServerProcess:
+        """Start the server; `same_ports` keeps the ports of an earlier start (a restart that
+        clients already connected to that address reconnect to)."""
+        if not (same_ports and self.grpc_port):
+            self.grpc_port = free_port()
+            self.metrics_port = free_port()
         args = [
             sys.executable,
             "-m",
@@ -88,6 +99,19 @@ class ServerProcess:
         if self.log_path is None or not self.log_path.exists():
             return ""
         return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> int | None:
+        """SIGKILL: no drain, no clean-up; returns the exit code (-9)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait(30)
+
+    def restart(self, wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
+        """Start again, on the same ports and repository, once the old process has gone."""
+        assert self.proc is not None and self.proc.poll() is not None, "stop or kill it first"
+        return self.start(wait_ready=wait_ready, timeout=timeout, same_ports=True)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc is None:

@@ -208,7 +208,11 @@ class DynamicBatcher:
         try:
             return await pending.future
         except asyncio.CancelledError:
-            pending.future.cancel()  # a cancelled call is skipped, never computed
+            # A cancelled call gives its queue slot back at once and is never computed.
+            pending.future.cancel()
+            with contextlib.suppress(ValueError):  # already taken into a batch
+                queue.remove(pending)
+                self._queued -= pending.batch
             raise
 
     # ---- forming and running batches ----------------------------------------------------
