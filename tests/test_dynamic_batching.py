@@ -215,3 +215,26 @@ def test_higher_priority_request_runs_before_an_earlier_lower_priority_one(
     for t in (blocker, low, high):
         t.join(60)
     assert finished == ["blocker", "high", "low"]
+
+
+def test_cancelled_queued_requests_give_their_queue_slots_back(
+    tmp_path: Path, keyring: Keyring, start_server
+) -> None:
+    repo = _slow_repo(
+        tmp_path, keyring, "dynamic_batching { default_queue_policy { max_queue_size: 4 } }"
+    )
+    server = start_server(repo)
+    client = grpcclient.InferenceServerClient(server.url)
+    x = grpcclient.InferInput("x", [64, WIDTH], "FP32")
+    x.set_data_from_numpy(np.ones((64, WIDTH), np.float32))
+    done: list = []
+    client.async_infer("slow", [x], lambda result, error: done.append(error))
+    time.sleep(0.02)  # the executor is busy with the first request
+    queued = [client.async_infer("slow", [x], lambda r, e: None) for _ in range(4)]
+    time.sleep(0.02)
+    for call in queued:
+        call.cancel()
+    time.sleep(0.02)
+    result = client.infer("slow", [x])  # would be refused if the slots were still taken
+    assert result.as_numpy("y").shape == (64, WIDTH)
+    client.close()
