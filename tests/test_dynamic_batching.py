@@ -220,21 +220,25 @@ def test_higher_priority_request_runs_before_an_earlier_lower_priority_one(
 def test_cancelled_queued_requests_give_their_queue_slots_back(
     tmp_path: Path, keyring: Keyring, start_server
 ) -> None:
-    repo = _slow_repo(
-        tmp_path, keyring, "dynamic_batching { default_queue_policy { max_queue_size: 4 } }"
-    )
+    repo = tmp_path / "repo"
+    batching = "dynamic_batching { default_queue_policy { max_queue_size: 4 } }"
+    write_config(repo, "slow", SLOW_CONFIG + batching)  # max_batch_size 256
+    publish_sealed(repo, "slow", slow_onnx(), keyring, version=1)
     server = start_server(repo)
     client = grpcclient.InferenceServerClient(server.url)
-    x = grpcclient.InferInput("x", [64, WIDTH], "FP32")
-    x.set_data_from_numpy(np.ones((64, WIDTH), np.float32))
-    done: list = []
-    client.async_infer("slow", [x], lambda result, error: done.append(error))
-    time.sleep(0.02)  # the executor is busy with the first request
-    queued = [client.async_infer("slow", [x], lambda r, e: None) for _ in range(4)]
+
+    def rows(n: int) -> list:
+        x = grpcclient.InferInput("x", [n, WIDTH], "FP32")
+        x.set_data_from_numpy(np.ones((n, WIDTH), np.float32))
+        return [x]
+
+    client.async_infer("slow", rows(256), lambda result, error: None)
+    time.sleep(0.03)  # the executor is busy with 256 rows for a good while
+    queued = [client.async_infer("slow", rows(1), lambda r, e: None) for _ in range(4)]
     time.sleep(0.02)
     for call in queued:
         call.cancel()
     time.sleep(0.02)
-    result = client.infer("slow", [x])  # would be refused if the slots were still taken
-    assert result.as_numpy("y").shape == (64, WIDTH)
+    result = client.infer("slow", rows(1))  # refused if the cancelled ones still held slots
+    assert result.as_numpy("y").shape == (1, WIDTH)
     client.close()
