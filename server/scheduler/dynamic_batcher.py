@@ -1,11 +1,13 @@
 """Dynamic batching as Triton's `dynamic_batching` config defines it.
 
-Requests wait in per-priority queues; `instance_count` executors each take a batch (up to
-`max_batch_size`, stopping early at a preferred size or once the oldest request has waited
-`max_queue_delay_microseconds`), run it on a worker thread, and hand each request its slice of
-the outputs. A full queue refuses at once (RESOURCE_EXHAUSTED); a request whose timeout (its
-`timeout` parameter, the queue policy's default, or its gRPC deadline) expires while queued is
-dropped before it is computed; a cancelled request is skipped.
+Requests wait in per-priority queues; `instance_count` executors each take a batch, run it on
+a worker thread, and hand each request its slice of the outputs. A batch runs as soon as the
+queue can fill a preferred size (the largest it can) or `max_batch_size`; otherwise once the
+oldest request has waited `max_queue_delay_microseconds` (the event loop's timers round that up
+to whole milliseconds; 0 runs at once). A full queue refuses at once (RESOURCE_EXHAUSTED); a
+request whose timeout (its `timeout` parameter, the queue policy's default, or its gRPC
+deadline) expires while queued is dropped before it is computed; a cancelled request is
+skipped.
 """
 
 from __future__ import annotations
@@ -227,20 +229,24 @@ class DynamicBatcher:
                 oldest = q[0].enqueued_ns
         return oldest
 
-    def _full_size(self) -> int:
-        """The batch worth running at once: the largest preferred size, else the maximum."""
+    def _target(self, queued: int) -> int:
+        """How many items to run now, or 0 to keep waiting: the largest preferred size the
+        queue can fill, else max_batch_size once the queue holds that many."""
         s = self.settings
-        return s.preferred[-1] if s.preferred else s.max_batch_size
+        if queued >= s.max_batch_size:
+            return s.max_batch_size
+        for size in reversed(s.preferred):
+            if queued >= size:
+                return size
+        return 0
 
-    def _take(self) -> list[Pending]:
-        """Pop a batch: highest priority first, same inner shapes, at most the full size (or
-        max_batch_size once the delay ran out and no preferred size could be formed)."""
+    def _take(self, target: int) -> list[Pending]:
+        """Pop up to `target` items: highest priority first, same inner shapes."""
         s = self.settings
         now = _now_ns()
         taken: list[Pending] = []
         total = 0
         shapes = None
-        target = self._full_size()
         for level, q in enumerate(self._queues):
             while q:
                 p = q[0]
@@ -264,8 +270,9 @@ class DynamicBatcher:
                     return taken
         return taken
 
-    async def _wait_for_batch(self) -> None:
-        """Wait until a batch is worth running: full, at a preferred size, or delayed enough."""
+    async def _wait_for_batch(self) -> int:
+        """Wait until a batch is worth running (full, at a preferred size, or the oldest
+        request has waited the maximum delay) and return how many items to take."""
         while True:
             oldest = self._oldest_enqueued()
             if oldest is None:
@@ -274,8 +281,11 @@ class DynamicBatcher:
                 continue
             queued = self._queued
             remaining = oldest + self.settings.max_delay_ns - _now_ns()
-            if remaining <= 0 or queued >= self._full_size():
-                return
+            target = self._target(queued)
+            if target:
+                return target
+            if remaining <= 0:
+                return self.settings.max_batch_size
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining / 1e9)
@@ -285,8 +295,8 @@ class DynamicBatcher:
         while not self._closed:
             batch: list[Pending] = []
             try:
-                await self._wait_for_batch()
-                batch = self._take()
+                target = await self._wait_for_batch()
+                batch = self._take(target)
                 if not batch:
                     continue
                 started = _now_ns()
