@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -89,11 +90,25 @@ def _client(url: str) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(url, channel_args=options)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a closed loop calls: a model on a server, with one FP32 input tensor of `shape`
+    (batch dimension included) filled with seeded uniform(-1, 1) values."""
+
+    url: str
+    model: str = MODEL
+    input_name: str = "obs"
+    shape: tuple[int, ...] = (1, OBS_DIM)
+
+    def make_input(self, seed: int) -> grpcclient.InferInput:
+        data = np.random.default_rng(seed).uniform(-1, 1, self.shape).astype(np.float32)
+        inp = grpcclient.InferInput(self.input_name, list(self.shape), "FP32")
+        inp.set_data_from_numpy(data)
+        return inp
+
+
 def _policy_input(seed: int) -> grpcclient.InferInput:
-    obs = np.random.default_rng(seed).uniform(-1, 1, (1, OBS_DIM)).astype(np.float32)
-    inp = grpcclient.InferInput("obs", [1, OBS_DIM], "FP32")
-    inp.set_data_from_numpy(obs)
-    return inp
+    return Target("").make_input(seed)
 
 
 # A slice of the schedule: (target index, start ns, record-from ns, end ns).
@@ -102,29 +117,47 @@ Slice = tuple[int, int, int, int]
 
 def _closed_loop(
     clients: list[grpcclient.InferenceServerClient],
-    inputs: list,
+    calls: list[tuple[str, list]],
     warm_until_ns: int,
     schedule: list[Slice],
     out: dict,
+    fail_fast: bool = True,
 ) -> None:
     """One in-flight call at a time. Until warm_until_ns it warms every target in turn; then
     it follows the schedule: in each slice it calls that slice's target on its own client,
     records the latency of calls started after the slice's settle time and counts the calls
-    that complete inside the recorded part of the slice."""
+    that complete inside the recorded part of the slice. `calls[t]` is target t's (model,
+    inputs). A failed call ends the loop with its error, unless `fail_fast` is off: then
+    calls that fail in the recorded part are counted per target and the loop goes on."""
     lat: list[list[int]] = [[] for _ in clients]
     done = [0] * len(clients)
+    failed = [0] * len(clients)
     try:
         now = time.perf_counter_ns
         infers = [c.infer for c in clients]
         i = 0
         while now() < warm_until_ns:
-            infers[i % len(infers)](MODEL, inputs)
+            k = i % len(infers)
+            try:
+                infers[k](*calls[k])
+            except grpcclient.InferenceServerException:
+                if fail_fast:
+                    raise
             i += 1
         for target, _start, record_from, end in schedule:
             infer, record = infers[target], lat[target]
+            model, inputs = calls[target]
             t = now()
             while t < end:
-                infer(MODEL, inputs)
+                try:
+                    infer(model, inputs)
+                except grpcclient.InferenceServerException:
+                    if fail_fast:
+                        raise
+                    if t >= record_from:
+                        failed[target] += 1
+                    t = now()
+                    continue
                 t2 = now()
                 if t >= record_from:
                     record.append(t2 - t)
@@ -135,26 +168,31 @@ def _closed_loop(
         out["error"] = traceback.format_exc()
     out["lat"] = lat
     out["done"] = done
+    out["failed"] = failed
 
 
 class _WorkerSession:
     """The clients of one worker process for one measurement: per thread, one client (own
     connection) per target."""
 
-    def __init__(self, urls: list[str], threads: int, seed: int) -> None:
-        self.clients = [[_client(url) for url in urls] for _ in range(threads)]
-        self.inputs = [[_policy_input(seed * 1000 + i)] for i in range(threads)]
-        for clients, inputs in zip(self.clients, self.inputs, strict=True):
-            for client in clients:
-                client.infer(MODEL, inputs)  # connect before the clock starts
+    def __init__(self, targets: list[Target], threads: int, seed: int) -> None:
+        self.clients = [[_client(t.url) for t in targets] for _ in range(threads)]
+        self.calls = [
+            [(t.model, [t.make_input(seed * 1000 + i)]) for t in targets] for i in range(threads)
+        ]
+        for clients, calls in zip(self.clients, self.calls, strict=True):
+            for client, call in zip(clients, calls, strict=True):
+                client.infer(*call)  # connect before the clock starts
 
-    def go(self, warm_until_ns: int, schedule: list[Slice]) -> dict:
+    def go(self, warm_until_ns: int, schedule: list[Slice], fail_fast: bool = True) -> dict:
         outs: list[dict] = [{} for _ in self.clients]
         workers = [
             threading.Thread(
-                target=_closed_loop, args=(c, i, warm_until_ns, schedule, o), daemon=True
+                target=_closed_loop,
+                args=(c, k, warm_until_ns, schedule, o, fail_fast),
+                daemon=True,
             )
-            for c, i, o in zip(self.clients, self.inputs, outs, strict=True)
+            for c, k, o in zip(self.clients, self.calls, outs, strict=True)
         ]
         for w in workers:
             w.start()
@@ -166,6 +204,9 @@ class _WorkerSession:
                 [x for o in outs for x in o.get("lat", [[]] * targets)[t]] for t in range(targets)
             ],
             "done": [sum(o.get("done", [0] * targets)[t] for o in outs) for t in range(targets)],
+            "failed": [
+                sum(o.get("failed", [0] * targets)[t] for o in outs) for t in range(targets)
+            ],
             "errors": [o["error"] for o in outs if "error" in o],
         }
 
@@ -176,9 +217,9 @@ class _WorkerSession:
 
 
 def _worker_main(conn, index: int) -> None:
-    """A client worker process. Commands: ("prepare", urls, threads) -> "ready" once its
-    clients are connected; ("go", warm_until_ns, schedule) -> its latencies and counts per
-    target; None -> exit."""
+    """A client worker process. Commands: ("prepare", targets, threads) -> "ready" once its
+    clients are connected; ("go", warm_until_ns, schedule, fail_fast) -> its latencies and
+    counts per target; None -> exit."""
     conn.send("hello")
     session: _WorkerSession | None = None
     while True:
@@ -193,25 +234,32 @@ def _worker_main(conn, index: int) -> None:
                 conn.send("ready")
             else:
                 assert session is not None
-                result = session.go(cmd[1], cmd[2])
+                result = session.go(*cmd[1:])
                 session.close()
                 session = None
                 conn.send(result)
         except BaseException:
-            conn.send({"lat": [], "done": [], "errors": [traceback.format_exc()]})
+            conn.send({"lat": [], "done": [], "failed": [], "errors": [traceback.format_exc()]})
 
 
 def abba(first: int, pairs: int) -> list[int]:
     """Target order over 2 * pairs slices, counterbalanced against drift: ABBA ABBA ..."""
-    a, b = first, 1 - first
-    pattern = [a, b, b, a]
-    return [pattern[i % 4] for i in range(2 * pairs)]
+    return counterbalanced(2, first, pairs)
+
+
+def counterbalanced(n: int, first: int, rounds: int) -> list[int]:
+    """Order of n targets over n * rounds slices, counterbalanced against drift: the targets
+    from `first` on, then the same in reverse (ABCCBA ABCCBA ...); for n = 2 this is ABBA."""
+    forward = [(first + i) % n for i in range(n)]
+    pattern = forward + forward[::-1]
+    return [pattern[i % (2 * n)] for i in range(n * rounds)]
 
 
 class LoadGenerator:
     """A pool of spawned client processes; a level of concurrency c uses min(c, procs) of them,
     each running its share of the c closed-loop threads. The targets of one measurement are
-    interleaved in short slices (ABBA order) so that both see the same machine."""
+    interleaved in short slices (ABBA order, ABCCBA for more) so that all see the same
+    machine."""
 
     def __init__(self, procs: int, timeout: float = 120.0) -> None:
         ctx = mp.get_context("spawn")  # no fork after grpc channels exist in the parent
@@ -237,27 +285,33 @@ class LoadGenerator:
 
     def run(
         self,
-        urls: list[str],
+        urls: list[str | Target],
         concurrency: int,
         warmup_s: float,
         duration_s: float,
         slice_s: float = 0.5,
         settle_s: float = 0.1,
         first: int = 0,
+        fail_fast: bool = True,
+        on_schedule: Callable[[int], None] | None = None,
     ) -> list[Measurement]:
-        """Measure two targets at one concurrency, `duration_s` of recorded time each."""
-        assert len(urls) == 2
+        """Measure the targets (a URL means the policy model there) at one concurrency,
+        `duration_s` of recorded time each. With `fail_fast` off, failed calls are counted in
+        each Measurement's `failures` instead of failing the run. `on_schedule`, if given, is
+        called with the perf_counter_ns at which the warm-up ends, once the workers have it."""
+        targets = [Target(u) if isinstance(u, str) else u for u in urls]
+        assert targets
         shares = self.layout(concurrency)
         conns = [conn for (_, conn), _ in zip(self.procs, shares, strict=False)]
         for conn, threads in zip(conns, shares, strict=True):
-            conn.send(("prepare", urls, threads))
+            conn.send(("prepare", targets, threads))
         for conn in conns:
             answer = self._recv(conn)
             if answer != "ready":
                 raise RuntimeError(f"load generator could not connect to {urls}:\n{answer}")
         recorded_ns = int((slice_s - settle_s) * 1e9)
         pairs = max(1, math.ceil(duration_s / (slice_s - settle_s)))
-        order = abba(first, pairs)
+        order = counterbalanced(len(targets), first, pairs)
         start = time.perf_counter_ns() + int(warmup_s * 1e9)
         schedule: list[Slice] = []
         for k, target in enumerate(order):
@@ -265,16 +319,21 @@ class LoadGenerator:
             s1 = s0 + int(slice_s * 1e9)
             schedule.append((target, s0, s1 - recorded_ns, s1))
         for conn in conns:
-            conn.send(("go", start, schedule))
+            conn.send(("go", start, schedule, fail_fast))
+        if on_schedule is not None:
+            on_schedule(start)
         results = [self._recv(conn) for conn in conns]
         errors = [e for r in results for e in r["errors"]]
         if errors:
             raise RuntimeError(f"load generator failed against {urls}:\n{errors[0]}")
         measurements = []
-        for t, url in enumerate(urls):
+        for t, target in enumerate(targets):
             lat = np.array([x for r in results for x in r["lat"][t]], dtype=np.int64)
             if lat.size == 0:
-                raise RuntimeError(f"no call completed against {url} at concurrency {concurrency}")
+                where = target.url if target.model == MODEL else f"{target.model}@{target.url}"
+                raise RuntimeError(
+                    f"no call completed against {where} at concurrency {concurrency}"
+                )
             p50, p90, p99 = (float(v) / 1e6 for v in np.percentile(lat, [50, 90, 99]))
             done = sum(r["done"][t] for r in results)
             measurements.append(
@@ -286,6 +345,7 @@ class LoadGenerator:
                     rps=done / (order.count(t) * recorded_ns / 1e9),
                     calls=int(lat.size),
                     layout=f"{len(shares)}p x {max(shares)}t",
+                    failures=sum(r["failed"][t] for r in results),
                 )
             )
         return measurements
@@ -313,6 +373,8 @@ class Measurement:
     layout: str
     # Forseti only: its own per-request stage times (ModelStatistics deltas over the run), us.
     server_us: dict[str, float] | None = None
+    # Calls that failed in the recorded part (only counted when the run is not fail-fast).
+    failures: int = 0
 
 
 # ---- the two servers ----------------------------------------------------------------------
