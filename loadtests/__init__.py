@@ -1,1 +1,1 @@
-"""Load tests and benchmark scripts (not part of the installed package)."""
+"""Load tests and benchmark scripts, installed as `forseti.loadtests` (`forseti loadtest`)."""
