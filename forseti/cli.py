@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "keys": ("forseti.server.cli", "main_keys", "create keyrings for sealed artifacts"),
     "seal": ("forseti.server.cli", "main_seal", "seal every plaintext model file of a repository"),
+    "loadtest": (
+        "forseti.loadtests.runner",
+        "main",
+        "run a bounded locust load test against a server",
+    ),
 }
 
 
