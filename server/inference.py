@@ -33,60 +33,32 @@ class InferenceHandler:
             raise ResourceExhausted(
                 f"server is at its limit of {self.max_inflight} in-flight requests; retry later"
             )
-        if lv.batcher is not None:
-            return await self._infer_batched(lv, request, start, context)
         if lv.scheduler.inline:
             return self._infer_inline(lv, request, start)
-        lv.acquire()
-        self.inflight += 1
-        try:
-            spec = lv.spec
-            feeds, batch = decode_inputs(request, spec)
-            names = requested_outputs(request, spec, lv.output_names)
-            decoded = _now_ns()
-            results, infer_start = await lv.scheduler.execute(feeds, names)
-            infer_end = _now_ns()
-            response = lv.responses.build(request.id, names, results)
-            end = _now_ns()
-        except BaseException:
-            lv.stats.record_failure(_now_ns() - start)
-            raise
-        finally:
-            self.inflight -= 1
-            lv.release()
-        lv.stats.record_success(
-            batch,
-            end - start,
-            infer_start - decoded,
-            decoded - start,
-            infer_end - infer_start,
-            end - infer_end,
-            time.time_ns() // 1_000_000,
-        )
-        return response
+        return await self._infer_awaited(lv, request, start, context)
 
-    async def _infer_batched(
+    async def _infer_awaited(
         self,
         lv: LoadedVersion,
         request: pb.ModelInferRequest,
         start: int,
         context: grpc.aio.ServicerContext | None,
     ) -> pb.ModelInferResponse:
-        """Queue for the dynamic batcher; the version drains before it is released."""
-        assert lv.batcher is not None
+        """Through the dynamic batcher or an instance thread; while this awaits, the version
+        counts the request as in flight, so a swap drains it before releasing the version."""
         lv.acquire()
         self.inflight += 1
         try:
             spec = lv.spec
             feeds, batch = decode_inputs(request, spec)
             names = requested_outputs(request, spec, lv.output_names)
-            grpc_deadline = 0
-            if context is not None:
-                remaining = context.time_remaining()
-                if remaining is not None:
-                    grpc_deadline = _now_ns() + int(remaining * 1e9)
             decoded = _now_ns()
-            result = await lv.batcher.submit(feeds, batch, names, request.parameters, grpc_deadline)
+            if lv.batcher is not None:
+                result = await lv.batcher.submit(
+                    feeds, batch, names, request.parameters, _grpc_deadline_ns(context)
+                )
+            else:
+                result = await lv.scheduler.execute(feeds, names)
             answered = _now_ns()
             response = lv.responses.build(request.id, names, result.outputs)
             end = _now_ns()
@@ -96,7 +68,8 @@ class InferenceHandler:
         finally:
             self.inflight -= 1
             lv.release()
-        lv.stats.record_request(
+        stats = lv.stats
+        stats.record_request(
             end - start,
             result.queue_ns,
             decoded - start,
@@ -104,6 +77,8 @@ class InferenceHandler:
             end - answered,
             time.time_ns() // 1_000_000,
         )
+        if lv.batcher is None:  # the batcher counts its own executions
+            stats.record_execution(batch, decoded - start, result.infer_ns, end - answered)
         return response
 
     @staticmethod
@@ -134,3 +109,11 @@ class InferenceHandler:
             time.time_ns() // 1_000_000,
         )
         return response
+
+
+def _grpc_deadline_ns(context: grpc.aio.ServicerContext | None) -> int:
+    """The call's gRPC deadline on the monotonic clock, 0 when it has none."""
+    if context is None:
+        return 0
+    remaining = context.time_remaining()
+    return 0 if remaining is None else _now_ns() + int(remaining * 1e9)

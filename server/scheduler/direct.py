@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from forseti.server.backends.base import Backend
+from forseti.server.scheduler.result import ExecutionResult
 
 # Models whose slowest warm-up run is under this run inline on the event loop.
 INLINE_BUDGET_NS = 1_000_000
@@ -32,18 +33,19 @@ class DirectScheduler:
             )
 
     def _timed_run(
-        self, feeds: dict[str, np.ndarray], names: list[str]
-    ) -> tuple[list[np.ndarray], int]:
+        self, feeds: dict[str, np.ndarray], names: list[str], submitted: int
+    ) -> ExecutionResult:
         started = time.monotonic_ns()
-        return self.backend.run(feeds, names), started
+        outputs = self.backend.run(feeds, names)
+        return ExecutionResult(outputs, started - submitted, time.monotonic_ns() - started)
 
-    async def execute(
-        self, feeds: dict[str, np.ndarray], names: list[str]
-    ) -> tuple[list[np.ndarray], int]:
-        """Results, and the monotonic ns at which the backend began (after any wait)."""
+    async def execute(self, feeds: dict[str, np.ndarray], names: list[str]) -> ExecutionResult:
+        """Run on an instance thread; the wait for a free thread counts as queue time."""
         assert self._executor is not None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._timed_run, feeds, names)
+        return await loop.run_in_executor(
+            self._executor, self._timed_run, feeds, names, time.monotonic_ns()
+        )
 
     def close(self) -> None:
         if self._executor is not None:

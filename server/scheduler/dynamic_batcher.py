@@ -26,6 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from forseti.server.backends.base import Backend
 from forseti.server.errors import InvalidArgument, ModelLoadError, ResourceExhausted, Unavailable
 from forseti.server.repository.config import ModelSpec
+from forseti.server.scheduler.result import ExecutionResult
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)
@@ -109,15 +110,6 @@ class Pending:
     queue_ns: int = 0
 
 
-@dataclass(frozen=True)
-class BatchResult:
-    """What a request gets back: its outputs and where its time went."""
-
-    outputs: list[np.ndarray]
-    queue_ns: int
-    infer_ns: int
-
-
 def _param_int(request_params, key: str) -> int | None:
     if key not in request_params:
         return None
@@ -183,7 +175,7 @@ class DynamicBatcher:
         names: list[str],
         parameters,
         grpc_deadline_ns: int = 0,
-    ) -> BatchResult:
+    ) -> ExecutionResult:
         """Queue a request and wait for its slice of a batch."""
         if self._closed:
             raise Unavailable(f"model '{self.spec.name}' version is being unloaded")
@@ -325,7 +317,7 @@ class DynamicBatcher:
             end = offset + p.batch
             if not p.future.done():
                 picked = [outputs[index[n]][offset:end] for n in p.names]
-                p.future.set_result(BatchResult(picked, p.queue_ns, infer_ns))
+                p.future.set_result(ExecutionResult(picked, p.queue_ns, infer_ns))
             offset = end
 
     def close(self) -> None:
