@@ -96,24 +96,8 @@ class VersionStats:
         now_ms: int,
     ) -> None:
         """One request answered; with direct scheduling it was one execution of its own."""
-        self.success_count += 1
-        self.success_ns += total_ns
-        self.queue_ns += queue_ns
-        self.compute_input_ns += input_ns
-        self.compute_infer_ns += infer_ns
-        self.compute_output_ns += output_ns
-        self.inference_count += batch
-        self.execution_count += 1
-        self.last_inference_ms = now_ms
-        b = self._batches.get(batch)
-        if b is None:
-            b = self._batches[batch] = [0, 0, 0, 0]
-        b[0] += 1
-        b[1] += input_ns
-        b[2] += infer_ns
-        b[3] += output_ns
-        self.latency_buckets[bisect.bisect_left(_BUCKET_BOUNDS_NS, total_ns)] += 1
-        self.latency_sum_ns += total_ns
+        self.record_request(total_ns, queue_ns, input_ns, infer_ns, output_ns, now_ms)
+        self.record_execution(batch, input_ns, infer_ns, output_ns)
 
     def record_request(
         self,
@@ -124,7 +108,7 @@ class VersionStats:
         output_ns: int,
         now_ms: int,
     ) -> None:
-        """One request answered out of a batch; its execution is counted by the batcher."""
+        """One request answered; its execution is counted by `record_execution`."""
         self.success_count += 1
         self.success_ns += total_ns
         self.queue_ns += queue_ns
