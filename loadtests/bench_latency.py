@@ -61,7 +61,8 @@ if str(REPO_ROOT) not in sys.path:  # path-based invocation, and spawned workers
 # Kept light on purpose: every worker process imports this module when it is spawned.
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
-from tritonclient.grpc import KeepAliveOptions  # noqa: E402
+
+from forseti.loadtests.connections import own_connection_options  # noqa: E402
 
 MODEL = "policy"
 OBS_DIM = 8
@@ -74,20 +75,8 @@ TARGET_NAMES = ("empty floor", "forseti")
 
 
 def _client(url: str) -> grpcclient.InferenceServerClient:
-    """tritonclient's own default channel options, plus a local subchannel pool so that every
-    client really has its own HTTP/2 connection (by default gRPC shares one connection
-    between channels to the same target with the same options)."""
-    keepalive = KeepAliveOptions()
-    options = [
-        ("grpc.max_send_message_length", 2**31 - 1),
-        ("grpc.max_receive_message_length", 2**31 - 1),
-        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
-        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    return grpcclient.InferenceServerClient(url, channel_args=options)
+    """A client with its own HTTP/2 connection (see `own_connection_options`)."""
+    return grpcclient.InferenceServerClient(url, channel_args=own_connection_options())
 
 
 @dataclass(frozen=True)
@@ -351,15 +340,20 @@ class LoadGenerator:
         return measurements
 
     def close(self) -> None:
-        for _, conn in self.procs:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(None)
-        for p, conn in self.procs:
+        stop_workers(self.procs)
+
+
+def stop_workers(procs: list) -> None:
+    """Ask each (process, pipe) worker to stop, then join it, terminating a stuck one."""
+    for _, conn in procs:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            conn.send(None)
+    for p, conn in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.terminate()
             p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-            conn.close()
+        conn.close()
 
 
 @dataclass

@@ -68,8 +68,9 @@ grpc_gevent.init_gevent()  # before any channel is made, after gevent's monkey-p
 
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
-from tritonclient.grpc import KeepAliveOptions  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
+
+from forseti.loadtests.connections import own_connection_options  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -163,21 +164,10 @@ def _collect_peak(client_id: str, data: dict) -> None:
 # ---- input data ------------------------------------------------------------------------------
 
 
-_NP_TYPES = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
+def _np_type(datatype: str) -> np.dtype | None:
+    """numpy dtype for a Triton datatype (tritonclient's own mapping), None if unknown."""
+    found = triton_to_np_dtype(datatype)
+    return None if found is None else np.dtype(found)
 
 
 def parse_npy_option(text: str, input_names: list[str]) -> dict[str, Path]:
@@ -262,10 +252,10 @@ class InputData:
                 f"--input-npy {path}: shape {list(array.shape)} does not fit input "
                 f"'{tensor.name}' (rows of {dims}, so [N, {', '.join(map(str, dims))}])"
             )
-        want = _NP_TYPES.get(tensor.datatype)
+        want = _np_type(tensor.datatype)
         if want is None:
             raise ValueError(f"input '{tensor.name}': datatype {tensor.datatype} is not supported")
-        if want is not np.object_ and array.dtype != want:
+        if want != np.object_ and array.dtype != want:
             if not np.can_cast(array.dtype, want, casting="same_kind"):
                 raise ValueError(
                     f"--input-npy {path}: dtype {array.dtype} cannot be sent as "
@@ -305,10 +295,10 @@ def random_tensor(rng: np.random.Generator, datatype: str, shape: list[int]) -> 
     if datatype == "BYTES":
         values = [f"forseti-{v}".encode() for v in rng.integers(0, 1000, size=int(np.prod(shape)))]
         return np.array(values, dtype=np.object_).reshape(shape)
-    np_type = _NP_TYPES.get(datatype)
+    np_type = _np_type(datatype)
     if np_type is None:
         raise ValueError(f"datatype {datatype} is not supported for random input")
-    if np_type is np.bool_:
+    if np_type == np.bool_:
         return rng.integers(0, 2, size=shape).astype(np.bool_)
     if np.issubdtype(np_type, np.floating):
         return rng.uniform(-1.0, 1.0, size=shape).astype(np_type)
@@ -334,20 +324,8 @@ class Client(grpcclient.InferenceServerClient):
 
 
 def make_client(url: str) -> Client:
-    """tritonclient's own default channel options, plus a local subchannel pool so that every
-    user really has its own HTTP/2 connection (by default gRPC shares one connection between
-    channels to the same target with the same options)."""
-    keepalive = KeepAliveOptions()
-    options = [
-        ("grpc.max_send_message_length", 2**31 - 1),
-        ("grpc.max_receive_message_length", 2**31 - 1),
-        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
-        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    return Client(url, channel_args=options)
+    """A client with its own HTTP/2 connection (see `own_connection_options`)."""
+    return Client(url, channel_args=own_connection_options())
 
 
 def resolve_model(client: grpcclient.InferenceServerClient, timeout: float = 10.0) -> str:

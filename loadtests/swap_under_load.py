@@ -36,7 +36,6 @@ tests/test_swap_under_load.py runs the same harness with fewer swaps.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -60,7 +59,7 @@ if str(REPO_ROOT) not in sys.path:  # path-based invocation, and spawned workers
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from loadtests.bench_latency import _client, _policy_input  # noqa: E402
+from loadtests.bench_latency import _client, _policy_input, stop_workers  # noqa: E402
 
 MODEL = "policy"
 MODES = ("explicit", "poll")
@@ -256,15 +255,7 @@ class ClientPool:
         )
 
     def close(self) -> None:
-        for _, conn in self.procs:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(None)
-        for p, conn in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-            conn.close()
+        stop_workers(self.procs)
         self.procs = []
 
     def __enter__(self) -> ClientPool:

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from onnx import helper
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 import forseti
 from forseti.server.security.keyring import Keyring
@@ -34,20 +34,6 @@ from tests.server_process import ServerProcess
 
 POLICY_ACTION = 1  # policy v1 in the standard repository answers action == 1 % 4
 TYPE_NAMES = [name for name, _, _ in ALL_TYPES]
-NUMPY_TYPES = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
@@ -88,7 +74,7 @@ def expect_error(status: str, call, *args, **kwargs) -> str:
 
 def extreme_values(type_name: str) -> np.ndarray:
     """A [2, 3] tensor holding the edge values of a type."""
-    dtype = np.dtype(NUMPY_TYPES[type_name])
+    dtype = np.dtype(triton_to_np_dtype(type_name))
     if type_name == "BOOL":
         values = [True, False, True, False, False, True]
     elif dtype.kind in "ui":
@@ -142,7 +128,7 @@ def typed_request(model: str, tensors: dict[str, tuple[str, np.ndarray]]) -> pb.
 def output_array(response: pb.ModelInferResponse, name: str) -> np.ndarray:
     for i, out in enumerate(response.outputs):
         if out.name == name:
-            dtype = NUMPY_TYPES[out.datatype]
+            dtype = np.dtype(triton_to_np_dtype(out.datatype))
             return np.frombuffer(response.raw_output_contents[i], dtype=dtype).reshape(
                 list(out.shape)
             )
