@@ -18,10 +18,10 @@ $(VENV)/.installed-train: $(VENV)/.installed-dev
 	$(PIP) install -q -e '.[dev,train]'
 	touch $@
 
-demo: $(VENV)/.installed-dev
+demo: $(VENV)/.installed-train
 	$(PY) examples/demo.py
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-train
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
