@@ -1,0 +1,111 @@
+"""Training specs: a valid TOML spec loads; each kind of mistake is refused naming its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forseti.trainer_sidecar.spec import SpecError, load_spec
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cartpole_ppo.toml"
+
+MINIMAL = """
+[model]
+name = "cartpole"
+repository = "repo"
+
+[env]
+id = "CartPole-v1"
+n_envs = 2
+
+[algorithm]
+name = "PPO"
+total_timesteps = 1024
+
+[algorithm.hyperparameters]
+n_steps = 64
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+def error_field(tmp_path: Path, text: str) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    return info.value.field_name
+
+
+def test_example_spec_loads_with_paths_relative_to_the_spec_file() -> None:
+    spec = load_spec(EXAMPLE)
+    assert spec.algorithm.name == "PPO"
+    assert spec.model.repository == EXAMPLE.parent / "../model_repository"
+    assert spec.rollout_timesteps == 32 * 8
+
+
+def test_minimal_spec_fills_defaults(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, MINIMAL))
+    assert spec.checkpoint.interval_timesteps == 1024
+    assert spec.evaluation.episodes == 10
+    assert spec.model.formats == ("onnx",)
+    assert spec.model.repository == tmp_path / "repo"
+
+
+def test_missing_required_field_is_named(tmp_path: Path) -> None:
+    assert error_field(tmp_path, MINIMAL.replace('name = "cartpole"\n', "")) == "model.name"
+
+
+def test_unknown_field_is_named(tmp_path: Path) -> None:
+    text = MINIMAL.replace("n_envs = 2", "n_envs = 2\nnenvs = 3")
+    assert error_field(tmp_path, text) == "env.nenvs"
+
+
+def test_unregistered_env_id_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace("CartPole-v1", "NoSuchEnv-v9")
+    assert error_field(tmp_path, text) == "env.id"
+
+
+def test_unknown_algorithm_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace('name = "PPO"', 'name = "TRPO"')
+    assert error_field(tmp_path, text) == "algorithm.name"
+
+
+def test_hyperparameter_the_algorithm_lacks_is_named(tmp_path: Path) -> None:
+    text = MINIMAL.replace("n_steps = 64", "n_steps = 64\nbuffer_size = 10")
+    assert error_field(tmp_path, text) == "algorithm.hyperparameters.buffer_size"
+
+
+def test_bad_linear_schedule_is_named(tmp_path: Path) -> None:
+    text = MINIMAL.replace("n_steps = 64", 'n_steps = 64\nlearning_rate = "lin_fast"')
+    assert error_field(tmp_path, text) == "algorithm.hyperparameters.learning_rate"
+
+
+def test_too_many_envs_are_refused(tmp_path: Path) -> None:
+    assert error_field(tmp_path, MINIMAL.replace("n_envs = 2", "n_envs = 33")) == "env.n_envs"
+
+
+def test_flag_written_as_number_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace("n_envs = 2", "n_envs = 2\nnormalize_observations = 1")
+    assert error_field(tmp_path, text) == "env.normalize_observations"
+
+
+def test_total_off_the_rollout_size_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="use 1152") as info:
+        load_spec(write(tmp_path, MINIMAL.replace("1024", "1100")))
+    assert info.value.field_name == "algorithm.total_timesteps"
+
+
+def test_invalid_toml_is_reported(tmp_path: Path) -> None:
+    assert error_field(tmp_path, "[model\n") == "file"
+
+
+def test_spec_hash_ignores_run_length_but_not_hyperparameters(tmp_path: Path) -> None:
+    base = load_spec(write(tmp_path, MINIMAL)).spec_hash
+    longer = load_spec(write(tmp_path, MINIMAL.replace("1024", "2048"))).spec_hash
+    other = load_spec(write(tmp_path, MINIMAL.replace("n_steps = 64", "n_steps = 128"))).spec_hash
+    assert base == longer
+    assert base != other
