@@ -16,6 +16,17 @@ from forseti.server.protocol.registration import add_servicer
 from forseti.server.protocol.servicer import ServerState, TritonServicer
 from forseti.server.registry.model_registry import ModelRegistry
 from forseti.server.security.keyring import Keyring, KeyringError, load_keyring
+from forseti.server.security.restricted import (
+    RestrictedProtocolInterceptor,
+    RestrictedProtocols,
+    RestrictionError,
+)
+from forseti.server.security.tls import (
+    GrpcTlsOptions,
+    TlsError,
+    grpc_server_credentials,
+    metrics_ssl_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,10 @@ class ServerOptions:
     max_batch_size: int = 4096
     max_inflight_requests: int = 1024
     exit_timeout_secs: float = 30.0
+    grpc_tls: GrpcTlsOptions = field(default_factory=GrpcTlsOptions)
+    restricted_protocols: list[str] = field(default_factory=list)  # Triton's settings, in order
+    metrics_ssl_cert: Path | None = None
+    metrics_ssl_key: Path | None = None
 
 
 class StartupError(Exception):
@@ -98,25 +113,39 @@ async def serve(options: ServerOptions) -> int:
         strict_readiness=options.strict_readiness, control_mode=options.control_mode
     )
 
+    try:
+        credentials = grpc_server_credentials(options.grpc_tls)
+        restrictions = RestrictedProtocols.from_settings(options.restricted_protocols)
+        metrics_tls = metrics_ssl_context(options.metrics_ssl_cert, options.metrics_ssl_key)
+    except (TlsError, RestrictionError) as exc:
+        raise StartupError(str(exc)) from None
+
     server = grpc.aio.server(
+        # No restriction, no interceptor: the request path stays as it was.
+        interceptors=[RestrictedProtocolInterceptor(restrictions)] if restrictions else None,
         options=[
             ("grpc.max_receive_message_length", options.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             # A second server on the same port must fail, not share it silently.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     add_servicer(TritonServicer(registry, state, options.max_inflight_requests), server)
     address = f"{options.grpc_address}:{options.grpc_port}"
     try:
-        server.add_insecure_port(address)
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {address}: {exc}") from None
     await server.start()
-    log.info("grpc listening", extra={"address": address})
+    log.info("grpc listening", extra={"address": address, "tls": options.grpc_tls.mode})
     if options.allow_metrics:
         try:
-            start_metrics_server(registry, options.metrics_address, options.metrics_port)
+            start_metrics_server(
+                registry, options.metrics_address, options.metrics_port, metrics_tls
+            )
         except OSError as exc:
             await server.stop(None)
             raise StartupError(
@@ -135,14 +164,16 @@ async def serve(options: ServerOptions) -> int:
     poller = None
     if options.control_mode == "poll":
         poller = asyncio.create_task(_poll_forever(registry, options.poll_secs))
+    token_watch = asyncio.create_task(restrictions.watch_files())
 
     await stop.wait()
     log.info("stopping: finishing running requests", extra={"grace_s": options.exit_timeout_secs})
     state.stopping = True
-    if poller is not None:
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
+    for task in (poller, token_watch):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await server.stop(options.exit_timeout_secs)
     registry.release_all()
     log.info("stopped")

@@ -31,8 +31,15 @@ def _serve_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grpc-address", default="0.0.0.0", help="address to listen on")
     p.add_argument("--grpc-port", type=int, default=8001)
+    _add_security_flags(p)
     p.add_argument("--metrics-address", default="127.0.0.1", help="metrics bind address")
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument(
+        "--metrics-ssl-cert",
+        type=Path,
+        help="serve /metrics over HTTPS with this PEM certificate (chain); with --metrics-ssl-key",
+    )
+    p.add_argument("--metrics-ssl-key", type=Path, help="PEM private key of --metrics-ssl-cert")
     p.add_argument(
         "--allow-metrics",
         type=_bool,
@@ -90,6 +97,47 @@ def _serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    """Triton's TLS and restricted-protocol options, with the same names and meaning."""
+    p.add_argument(
+        "--grpc-use-ssl",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="serve gRPC over TLS with --grpc-server-cert and --grpc-server-key",
+    )
+    p.add_argument(
+        "--grpc-use-ssl-mutual",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="mutual TLS: also require a client certificate signed by --grpc-root-cert "
+        "(implies --grpc-use-ssl)",
+    )
+    p.add_argument("--grpc-server-cert", type=Path, help="PEM server certificate (chain)")
+    p.add_argument("--grpc-server-key", type=Path, help="PEM private key of the certificate")
+    p.add_argument(
+        "--grpc-root-cert",
+        type=Path,
+        help="PEM certificate of the CA that signs client certificates (mutual TLS)",
+    )
+    p.add_argument(
+        "--grpc-restricted-protocol",
+        action="append",
+        default=[],
+        metavar="PROTOCOLS:KEY=VALUE",
+        help="require the header triton-grpc-protocol-KEY on calls to these protocols "
+        "(comma-separated: health, metadata, inference, shared-memory, model-config, "
+        "model-repository, statistics, trace, logging). VALUE is @FILE (tokens, one a line; "
+        "re-read when it changes), env:VAR, or a literal token (visible in ps). Repeatable; "
+        "a protocol may be in one group only",
+    )
+
+
 def _bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -103,6 +151,7 @@ def main_serve(argv: list[str]) -> int:
     args = _serve_parser().parse_args(argv)
     configure_logging(args.log_level)
     from forseti.server.app import ServerOptions, StartupError, run
+    from forseti.server.security.tls import GrpcTlsOptions
 
     options = ServerOptions(
         model_repository=args.model_repository,
@@ -121,6 +170,16 @@ def main_serve(argv: list[str]) -> int:
         max_batch_size=args.max_batch_size,
         max_inflight_requests=args.max_inflight_requests,
         exit_timeout_secs=args.exit_timeout_secs,
+        grpc_tls=GrpcTlsOptions(
+            use_ssl=args.grpc_use_ssl,
+            use_ssl_mutual=args.grpc_use_ssl_mutual,
+            server_cert=args.grpc_server_cert,
+            server_key=args.grpc_server_key,
+            root_cert=args.grpc_root_cert,
+        ),
+        restricted_protocols=args.grpc_restricted_protocol,
+        metrics_ssl_cert=args.metrics_ssl_cert,
+        metrics_ssl_key=args.metrics_ssl_key,
     )
     try:
         return run(options)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from forseti.server.registry.model_registry import ModelRegistry
+from forseti.server.security.tls import is_loopback
 from forseti.server.stats import LATENCY_BUCKETS_S
 
 log = logging.getLogger(__name__)
@@ -167,14 +169,46 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         pass
 
 
-def start_metrics_server(registry: ModelRegistry, address: str, port: int) -> ThreadingHTTPServer:
-    """Serve /metrics on address:port from a background thread."""
+_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class _TlsMetricsServer(ThreadingHTTPServer):
+    """Serves HTTPS: the handshake runs in the connection's own thread, with a timeout, so a
+    slow or plaintext client cannot hold up accepting the next connection."""
+
+    ssl_context: ssl.SSLContext
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[override]
+        request.settimeout(_HANDSHAKE_TIMEOUT_S)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return  # not TLS, or a certificate the client refused: nothing to answer
+        with tls:
+            self.RequestHandlerClass(tls, client_address, self)
+
+
+def start_metrics_server(
+    registry: ModelRegistry, address: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> ThreadingHTTPServer:
+    """Serve /metrics on address:port from a background thread, over HTTPS when `ssl_context`
+    is given."""
     family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
     handler = type("Handler", (_MetricsHandler,), {"collector": TritonMetricsCollector(registry)})
+    base = ThreadingHTTPServer if ssl_context is None else _TlsMetricsServer
     server_class = type(
-        "MetricsServer", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
+        "MetricsServer",
+        (base,),
+        {"address_family": family, "daemon_threads": True, "ssl_context": ssl_context},
     )
     httpd = server_class((address, port), handler)
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics listening", extra={"address": address, "port": port})
+    scheme = "http" if ssl_context is None else "https"
+    log.info("metrics listening", extra={"address": address, "port": port, "scheme": scheme})
+    if ssl_context is None and not is_loopback(address):
+        log.warning(
+            "metrics served without TLS on a non-loopback address; they show model names and "
+            "traffic: bind --metrics-address 127.0.0.1 or add --metrics-ssl-cert/--metrics-ssl-key",
+            extra={"address": address},
+        )
     return httpd

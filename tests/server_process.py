@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tritonclient.grpc as grpcclient
 
@@ -29,6 +30,10 @@ class ServerProcess:
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     env: dict[str, str] | None = None  # extra environment variables for the server process
+    # InferenceServerClient keyword arguments (ssl=True, root_certificates=...) and headers
+    # the start-up checks need, for servers started with TLS or a restricted health protocol.
+    client_options: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] | None = None
     grpc_port: int = 0
     metrics_port: int = 0
     proc: subprocess.Popen | None = None
@@ -73,14 +78,14 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
-        self.wait(lambda c: c.is_server_live(), timeout)
+        self.wait(lambda c: c.is_server_live(headers=self.headers), timeout)
         if wait_ready:
-            self.wait(lambda c: c.is_server_ready(), timeout)
+            self.wait(lambda c: c.is_server_ready(headers=self.headers), timeout)
         return self
 
     def wait(self, check, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.url)
+        client = self.client()
         try:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -94,6 +99,10 @@ class ServerProcess:
         finally:
             client.close()
         raise TimeoutError(f"server not ready after {timeout}s: {self.log()}")
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        """A client with this server's `client_options`; the caller closes it."""
+        return grpcclient.InferenceServerClient(self.url, **self.client_options)
 
     def log(self) -> str:
         if self.log_path is None or not self.log_path.exists():
