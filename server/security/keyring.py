@@ -10,7 +10,8 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -230,6 +231,130 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_keyring(path: str | Path) -> Keyring:
-    """Load a keyring file (see Keyring.load)."""
-    return Keyring.load(path)
+class FileKeyring(Keyring):
+    """A keyring read from a file that re-reads the file once it has changed.
+
+    After ``forseti keys rotate`` a running server can open artifacts resealed to the new key
+    (the file is re-read when a seal names a key it lacks) and a running publisher seals with
+    the new key (the file is re-checked whenever the newest key is asked for), without a
+    restart. A file that has become unreadable or invalid keeps the keys already loaded.
+    """
+
+    def __init__(self, keys: Iterable[Key], path: Path, stamp: tuple[int, int, int]) -> None:
+        super().__init__(keys)
+        self.path = path
+        self._stamp = stamp
+        self._reload_lock = threading.Lock()
+
+    @classmethod
+    def load_file(cls, path: str | Path) -> FileKeyring:
+        """Read and validate a keyring file, remembering where it came from."""
+        path = Path(path)
+        ring = Keyring.load(path)
+        return cls((ring.get(k) for k in ring.key_ids), path, _stamp(path))
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed since it was read; True when keys were replaced."""
+        with self._reload_lock:
+            try:
+                stamp = _stamp(self.path)
+                if stamp == self._stamp:
+                    return False
+                fresh = Keyring.load(self.path)
+            except (OSError, KeyringError) as exc:
+                logger.warning(
+                    "keyring file changed but cannot be re-read; keeping the loaded keys",
+                    extra={"path": str(self.path), "error": str(exc)},
+                )
+                return False
+            # Each attribute is replaced in one assignment, so readers in other threads see
+            # the old or the new set, never a mixture within one attribute.
+            self._by_id = dict(fresh._by_id)
+            self._keys = list(fresh._keys)
+            self._stamp = stamp
+        logger.info("keyring re-read", extra={"path": str(self.path), "keys": len(fresh)})
+        return True
+
+    @property
+    def newest(self) -> Key:
+        self.refresh()
+        return self._keys[-1]
+
+    def get(self, key_id: str) -> Key:
+        try:
+            return super().get(key_id)
+        except KeyringError:
+            if not self.refresh():
+                raise
+        return super().get(key_id)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+KEYRING_ENV = "FORSETI_KEYRING"
+KEYRING_FD_ENV = "FORSETI_KEYRING_FD"
+_MAX_KEYRING_BYTES = 1024 * 1024
+
+
+def keyring_from_environment(environ: MutableMapping[str, str] | None = None) -> Keyring | None:
+    """The keyring that the environment names, for containers; None when it names none.
+
+    ``FORSETI_KEYRING_FD=<n>``: read the keyring JSON from open descriptor n (a pipe, a
+    memfd or a mounted secret file), then close it. ``FORSETI_KEYRING``: the keyring JSON
+    itself when it starts with ``{``, else the path of a keyring file. A keyring given as JSON
+    is removed from the environment once read, so child processes do not inherit it.
+    """
+    env = os.environ if environ is None else environ
+    fd_text = env.get(KEYRING_FD_ENV, "").strip()
+    if fd_text:
+        return Keyring.from_json(_read_fd(fd_text), source=f"${KEYRING_FD_ENV}")
+    value = env.get(KEYRING_ENV, "")
+    if value.lstrip().startswith("{"):
+        ring = Keyring.from_json(value, source=f"${KEYRING_ENV}")
+        env.pop(KEYRING_ENV, None)
+        return ring
+    if value.strip():
+        return FileKeyring.load_file(value.strip())
+    return None
+
+
+def _read_fd(fd_text: str) -> str:
+    if not fd_text.isdigit():
+        raise KeyringError(f"${KEYRING_FD_ENV} must be a file descriptor number, got {fd_text!r}")
+    fd = int(fd_text)
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while chunk := os.read(fd, 65536):
+            total += len(chunk)
+            if total > _MAX_KEYRING_BYTES:
+                raise KeyringError(f"${KEYRING_FD_ENV}: more than {_MAX_KEYRING_BYTES} bytes")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise KeyringError(f"${KEYRING_FD_ENV}={fd}: cannot read it: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyringError(f"${KEYRING_FD_ENV}={fd}: not UTF-8 text") from None
+
+
+def load_keyring(
+    path: str | Path | None = None, *, environ: MutableMapping[str, str] | None = None
+) -> Keyring:
+    """Load the keyring file at ``path`` (re-read when it changes, see FileKeyring); without
+    a path, the keyring the environment names (see keyring_from_environment)."""
+    if path is not None:
+        return FileKeyring.load_file(path)
+    ring = keyring_from_environment(environ)
+    if ring is None:
+        raise KeyringError(
+            f"no keyring given: pass --keyring FILE, or set ${KEYRING_ENV} (a keyring file path "
+            f"or the keyring JSON) or ${KEYRING_FD_ENV} (an open descriptor holding the JSON)"
+        )
+    return ring

@@ -1,0 +1,229 @@
+"""Reseal a model repository to the keyring's newest key while a server keeps serving from it.
+
+Each sealed file is re-encrypted into a hidden temporary file beside it, fsynced, opened again
+to prove it carries the same plaintext, and only then renamed over the original
+(``os.replace``, atomic on POSIX). A server that loads during a reseal reads either the old or
+the new file; both open while the keyring holds both keys. Format 1 files are resealed in
+memory (they are at most 2 GiB); format 2 files are streamed chunk by chunk and keep their
+chunk size, so memory stays at about one chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from .key_rotation import read_header_key
+from .keyring import Keyring, _fsync_dir
+from .sealed import (
+    FORMAT_V1,
+    SEALED_SUFFIX,
+    SealError,
+    SealingWriter,
+    open_sealed,
+    open_sealed_stream,
+    parse_header,
+    plaintext_name,
+    seal_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".forseti-reseal.lock"
+
+
+class ResealError(Exception):
+    """The reseal could not start (the message says why); files already done stay done."""
+
+
+@dataclass(frozen=True)
+class ResealedFile:
+    """One file moved to the newest key. Digests are of the sealed files, as the server and
+    the audit log record them; the plaintext is proven unchanged before the rename."""
+
+    model: str
+    version: int
+    path: Path
+    from_key: str
+    to_key: str
+    old_sha256: str
+    new_sha256: str
+
+
+@dataclass
+class ResealReport:
+    resealed: list[ResealedFile] = field(default_factory=list)
+    pending: list[Path] = field(default_factory=list)  # dry run: what would be resealed
+    current: int = 0  # files already sealed with the newest key
+    problems: list[str] = field(default_factory=list)
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _plaintext_sha256(path: Path, keyring: Keyring, model: str, version: int, name: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for piece in open_sealed_stream(fh, keyring, model=model, version=version, filename=name):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _write_resealed(
+    path: Path, out: BinaryIO, keyring: Keyring, model: str, version: int, name: str
+) -> str:
+    """Reseal ``path`` into the open file ``out``; returns the plaintext's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as src:
+        head = src.read(4096)
+        header = parse_header(head)
+        src.seek(0)
+        if header.format_version == FORMAT_V1:
+            plain = open_sealed(src.read(), keyring, model=model, version=version, filename=name)
+            digest.update(plain)
+            out.write(seal_bytes(plain, keyring, model=model, version=version, filename=name))
+            return digest.hexdigest()
+        with SealingWriter(
+            out, keyring, model=model, version=version, filename=name, chunk_size=header.chunk_size
+        ) as writer:
+            for piece in open_sealed_stream(
+                src, keyring, model=model, version=version, filename=name
+            ):
+                digest.update(piece)
+                writer.write(piece)
+    return digest.hexdigest()
+
+
+def reseal_file(path: Path, keyring: Keyring, *, model: str, version: int) -> ResealedFile | None:
+    """Move one sealed file to the newest key atomically; None when it already uses it."""
+    path = Path(path)
+    name = plaintext_name(path)
+    from_key, _ = read_header_key(path)
+    to_key = keyring.newest.key_id
+    if from_key == to_key:
+        return None
+    mode = stat.S_IMODE(path.stat().st_mode)
+    old_sha256 = _file_sha256(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.reseal.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            plain_sha256 = _write_resealed(path, out, keyring, model, version, name)
+            out.flush()
+            os.fsync(out.fileno())
+        # Never put a file in place that does not give back exactly what the old one held.
+        if _plaintext_sha256(tmp, keyring, model, version, name) != plain_sha256:
+            raise SealError("resealed file does not match the original", str(path))
+        new_sha256 = _file_sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return ResealedFile(model, version, path, from_key, to_key, old_sha256, new_sha256)
+
+
+@contextlib.contextmanager
+def _reseal_lock(repo: Path) -> Iterator[None]:
+    """One reseal per repository at a time (a hidden file the server never looks at)."""
+    fd = os.open(repo / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ResealError(f"another reseal of {repo} is running; wait for it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def reseal_repository(
+    repo: Path,
+    keyring: Keyring,
+    *,
+    dry_run: bool = False,
+    on_file: Callable[[ResealedFile], None] | None = None,
+) -> ResealReport:
+    """Reseal every sealed file in ``<repo>/<model>/<version>/`` whose key is not the newest.
+
+    Versions are done one at a time, files one at a time, each atomically. Problems (a file
+    whose key the keyring lacks, a damaged file) are collected and the rest carries on.
+    ``on_file`` is called after each file is in place (progress, audit).
+    """
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise ResealError(f"{repo} is not a folder")
+    report = ResealReport()
+    newest = keyring.newest.key_id
+    with _reseal_lock(repo):
+        for model_dir in sorted(p for p in repo.iterdir() if _visible_dir(p)):
+            versions = sorted(
+                (int(p.name), p)
+                for p in model_dir.iterdir()
+                if _visible_dir(p) and p.name.isdigit()
+            )
+            for version, version_dir in versions:
+                for path in sorted(version_dir.glob(f"*{SEALED_SUFFIX}")):
+                    if path.name.startswith(".") or not path.is_file():
+                        continue
+                    done = _reseal_one(
+                        path, model_dir.name, version, keyring, newest, dry_run, report
+                    )
+                    if done is not None and on_file is not None:
+                        on_file(done)
+    return report
+
+
+def _reseal_one(
+    path: Path,
+    model: str,
+    version: int,
+    keyring: Keyring,
+    newest: str,
+    dry_run: bool,
+    report: ResealReport,
+) -> ResealedFile | None:
+    where = f"{model}/{version}/{path.name}"
+    try:
+        if dry_run:
+            key_id, _ = read_header_key(path)
+            if key_id == newest:
+                report.current += 1
+            else:
+                report.pending.append(path)
+            return None
+        done = reseal_file(path, keyring, model=model, version=version)
+    except FileNotFoundError:
+        return None  # the version was removed while we worked: nothing left to reseal
+    except SealError as exc:
+        report.problems.append(f"{where}: {exc}")
+        return None
+    except OSError as exc:
+        report.problems.append(f"{where}: {exc.strerror or exc}")
+        return None
+    if done is None:
+        report.current += 1
+        return None
+    report.resealed.append(done)
+    logger.info(
+        "resealed",
+        extra={"model": model, "version": version, "file": path.name, "key_id": done.to_key},
+    )
+    return done
+
+
+def _visible_dir(path: Path) -> bool:
+    return not path.name.startswith(".") and path.is_dir()
