@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2 as mc
 
-from forseti.server.errors import ModelLoadError
+from forseti.server.errors import ModelLoadError, library_failure
 from forseti.server.protocol.datatypes import ORT_TYPE_NAMES
 from forseti.server.repository.config import ModelSpec, TensorSpec, parameter
 
@@ -120,7 +120,7 @@ class OnnxRuntimeBackend:
                 for _ in range(self.instance_count)
             ]
         except Exception as exc:  # onnxruntime raises several unrelated types
-            raise ModelLoadError(f"onnxruntime could not load the model: {exc}") from None
+            raise library_failure("onnxruntime could not load the model", exc) from None
         check_signature(sessions[0], spec)
         self._sessions = sessions
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()

@@ -1,5 +1,6 @@
 """Register the servicer with the generated tritonclient handlers, made safe against messages
-that do not parse: those get INVALID_ARGUMENT instead of grpc's UNKNOWN and a traceback."""
+that do not parse: those get INVALID_ARGUMENT instead of grpc's UNKNOWN and a traceback, and
+against unexpected exceptions, which grpc would send to the client as their text."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2_grpc as pbg
+
+from forseti.server.errors import new_request_id, with_request_id
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,22 @@ def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 def _guard_unary(behaviour: Callable, method: str) -> Callable:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if request is MALFORMED:
-            log.info("malformed request", extra={"rpc": method})
+            rid = new_request_id()
+            log.info("malformed request", extra={"rpc": method, "request_id": rid})
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method} request: it does not parse"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                with_request_id(f"malformed {method} request: it does not parse", rid),
             )
-        return await behaviour(request, context)
+        try:
+            return await behaviour(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            # grpc would answer UNKNOWN with the exception's text, which can hold file paths
+            # and values: the client gets an id, the log gets the traceback.
+            rid = new_request_id()
+            log.exception("unexpected error", extra={"rpc": method, "request_id": rid})
+            await context.abort(grpc.StatusCode.INTERNAL, with_request_id("internal error", rid))
 
     return call
 

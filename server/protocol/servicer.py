@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,6 +16,8 @@ from forseti.server.errors import (
     ForsetiError,
     InvalidArgument,
     ModelLoadError,
+    new_request_id,
+    with_request_id,
 )
 from forseti.server.inference import InferenceHandler
 from forseti.server.protocol.registration import MALFORMED
@@ -45,14 +46,24 @@ class ServerState:
     control_mode: str = "none"
 
 
-def _request_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
 async def _abort_internal(context: grpc.aio.ServicerContext, what: str) -> None:
-    rid = _request_id()
+    rid = new_request_id()
     log.exception("unexpected error", extra={"rpc": what, "request_id": rid})
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+    await context.abort(grpc.StatusCode.INTERNAL, with_request_id("internal error", rid))
+
+
+def _refused(rpc: str, exc: ForsetiError) -> str:
+    """Log a refused request under a new request id; the message to send, carrying that id."""
+    rid = new_request_id()
+    log.info(
+        "request refused",
+        extra={"rpc": rpc, "code": exc.code.name, "reason": exc.message, "request_id": rid},
+    )
+    return with_request_id(exc.message, rid)
+
+
+async def _refuse(context: grpc.aio.ServicerContext, rpc: str, exc: ForsetiError) -> None:
+    await context.abort(exc.code, _refused(rpc, exc))
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -122,7 +133,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
         try:
             lv = self.registry.route(request.name, request.version)
         except ForsetiError as exc:
-            await context.abort(exc.code, exc.message)
+            await _refuse(context, "ModelMetadata", exc)
         spec = lv.spec
         entry = self.registry.models[lv.model]
         batch = [-1] if spec.batched else []
@@ -147,7 +158,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
         try:
             lv = self.registry.route(request.name, request.version)
         except ForsetiError as exc:
-            await context.abort(exc.code, exc.message)
+            await _refuse(context, "ModelConfig", exc)
         return pb.ModelConfigResponse(config=lv.spec.config)
 
     async def ModelStatistics(self, request, context):
@@ -161,7 +172,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
             else:
                 versions = list(self.registry.loaded_versions())
         except ForsetiError as exc:
-            await context.abort(exc.code, exc.message)
+            await _refuse(context, "ModelStatistics", exc)
         versions.sort(key=lambda lv: (lv.model, lv.version))
         return pb.ModelStatisticsResponse(model_stats=[_version_statistics(v) for v in versions])
 
@@ -169,13 +180,15 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         if request is MALFORMED:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "malformed ModelInfer request: it does not parse"
+            await _refuse(
+                context,
+                "ModelInfer",
+                InvalidArgument("malformed ModelInfer request: it does not parse"),
             )
         try:
             return await self.handler.infer(request, context)
         except ForsetiError as exc:
-            await context.abort(exc.code, exc.message)
+            await _refuse(context, "ModelInfer", exc)
         except Exception:
             await _abort_internal(context, "ModelInfer")
 
@@ -184,19 +197,20 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
             if request is MALFORMED:
-                yield _stream_error(pb.ModelInferRequest(), "malformed ModelInferRequest")
+                refused = InvalidArgument("malformed ModelInferRequest")
+                yield _stream_error(pb.ModelInferRequest(), _refused("ModelStreamInfer", refused))
                 continue
             try:
                 response = await self.handler.infer(request, context)
             except ForsetiError as exc:
-                yield _stream_error(request, exc.message)
+                yield _stream_error(request, _refused("ModelStreamInfer", exc))
                 continue
             except Exception:
-                rid = _request_id()
+                rid = new_request_id()
                 log.exception(
                     "unexpected error", extra={"rpc": "ModelStreamInfer", "request_id": rid}
                 )
-                yield _stream_error(request, f"internal error (request id {rid})")
+                yield _stream_error(request, with_request_id("internal error", rid))
                 continue
             yield pb.ModelStreamInferResponse(infer_response=response)
 
@@ -238,7 +252,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
                     f"failed to load '{request.model_name}': {exc.reason}"
                 ) from None
         except ForsetiError as exc:
-            await context.abort(exc.code, exc.message)
+            await _refuse(context, "RepositoryModelLoad", exc)
         except Exception:
             await _abort_internal(context, "RepositoryModelLoad")
         return pb.RepositoryModelLoadResponse()
@@ -248,7 +262,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
             self._check_explicit()
             await self.registry.unload_model(request.model_name)
         except ForsetiError as exc:
-            await context.abort(exc.code, exc.message)
+            await _refuse(context, "RepositoryModelUnload", exc)
         except Exception:
             await _abort_internal(context, "RepositoryModelUnload")
         return pb.RepositoryModelUnloadResponse()

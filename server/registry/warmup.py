@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from forseti.server.backends.base import Backend
-from forseti.server.errors import ModelLoadError
+from forseti.server.errors import ModelLoadError, library_failure
 from forseti.server.repository.config import ModelSpec
 
 
@@ -34,7 +34,9 @@ def warm_up(spec: ModelSpec, backend: Backend, runs: int = 3) -> int:
             try:
                 results = backend.run(feeds, names)
             except Exception as exc:
-                raise ModelLoadError(f"warm-up inference failed at batch {batch}: {exc}") from None
+                raise library_failure(
+                    f"warm-up inference failed at batch {batch}", exc, model=spec.name
+                ) from None
             elapsed = time.monotonic_ns() - started
         slowest = max(slowest, elapsed)
         for name, arr in zip(names, results, strict=True):
