@@ -491,12 +491,13 @@ def describe_policy(
         raise ExportError(
             f"algorithm {type(model).__name__} is not exportable; PPO, A2C, DQN, SAC or TD3"
         )
-    obs_dim, obs_shape = _observation(model)
     space = _check_action_space(model)
+    # The network first, so a CNN policy is refused as a CNN rather than as an image space.
     if isinstance(model, PPO | A2C):
         parts = _describe_actor_critic(model, space)
     else:
         parts = _describe_off_policy(model, space)
+    obs_dim, obs_shape = _observation(model)
     n_actions = action_dim = low = high = None
     if space == DISCRETE:
         n_actions = int(model.action_space.n)
