@@ -15,7 +15,13 @@ from forseti.server.metrics import start_metrics_server
 from forseti.server.protocol.registration import add_servicer
 from forseti.server.protocol.servicer import ServerState, TritonServicer
 from forseti.server.registry.model_registry import ModelRegistry
-from forseti.server.security.keyring import Keyring, KeyringError, load_keyring
+from forseti.server.security.audit import AuditError, AuditLog
+from forseti.server.security.keyring import (
+    Keyring,
+    KeyringError,
+    keyring_from_environment,
+    load_keyring,
+)
 from forseti.server.security.restricted import (
     RestrictedProtocolInterceptor,
     RestrictedProtocols,
@@ -39,6 +45,7 @@ class ServerOptions:
 
     model_repository: Path
     keyring: Path | None = None
+    audit_log: Path | None = None
     grpc_address: str = "0.0.0.0"
     grpc_port: int = 8001
     metrics_address: str = "127.0.0.1"
@@ -64,13 +71,26 @@ class StartupError(Exception):
 
 
 def _open_keyring(options: ServerOptions) -> Keyring | None:
-    if options.keyring is None:
-        if not options.allow_plaintext:
-            log.warning("no --keyring given: sealed artifacts cannot be opened")
+    try:
+        if options.keyring is not None:
+            return load_keyring(options.keyring)
+        keyring = keyring_from_environment()
+    except KeyringError as exc:
+        raise StartupError(str(exc)) from None
+    if keyring is None and not options.allow_plaintext:
+        log.warning(
+            "no keyring (--keyring, $FORSETI_KEYRING or $FORSETI_KEYRING_FD): "
+            "sealed artifacts cannot be opened"
+        )
+    return keyring
+
+
+def _open_audit(options: ServerOptions) -> AuditLog | None:
+    if options.audit_log is None:
         return None
     try:
-        return load_keyring(options.keyring)
-    except KeyringError as exc:
+        return AuditLog.open(options.audit_log, component="server")
+    except AuditError as exc:
         raise StartupError(str(exc)) from None
 
 
@@ -103,11 +123,13 @@ async def serve(options: ServerOptions) -> int:
     if not options.model_repository.is_dir():
         raise StartupError(f"model repository {options.model_repository} is not a folder")
     keyring = _open_keyring(options)
+    audit = _open_audit(options)
     registry = ModelRegistry(
         options.model_repository.resolve(),
         keyring,
         options.allow_plaintext,
         max_batch_size=options.max_batch_size,
+        audit=audit,
     )
     state = ServerState(
         strict_readiness=options.strict_readiness, control_mode=options.control_mode
@@ -160,6 +182,14 @@ async def serve(options: ServerOptions) -> int:
 
     await _initial_load(registry, options)
     state.started = True
+    await registry.audit_event(
+        "server.ready",
+        repository=str(options.model_repository),
+        address=address,
+        tls=options.grpc_tls.mode,
+        control_mode=options.control_mode,
+        models=sorted(registry.models)[:64],
+    )
     log.info("server ready", extra={"mode": options.control_mode, "models": len(registry.models)})
     poller = None
     if options.control_mode == "poll":
@@ -176,6 +206,9 @@ async def serve(options: ServerOptions) -> int:
                 await task
     await server.stop(options.exit_timeout_secs)
     registry.release_all()
+    if audit is not None:
+        await registry.audit_event("server.stop")
+        audit.close()
     log.info("stopped")
     return 0
 

@@ -23,6 +23,7 @@ from forseti.server.inference import InferenceHandler
 from forseti.server.protocol.registration import MALFORMED
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
+from forseti.server.security.restricted import caller_identity
 from forseti.server.stats import Duration
 
 log = logging.getLogger(__name__)
@@ -216,11 +217,34 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
 
     # ---- repository ---------------------------------------------------------------------
 
+    async def _audit_control(
+        self, context, event: str, code: grpc.StatusCode, message: str = "", **what: object
+    ) -> None:
+        """Audit one model-repository control call: who, what, and the status it got."""
+        if self.registry.audit is None:
+            return
+        who = caller_identity(context)
+        await self.registry.audit_event(
+            event,
+            peer=who.peer,
+            tls_subject=who.tls_subject,
+            token_group=who.token_group,
+            **what,
+            result=code.name,
+            message=message,
+        )
+
     async def RepositoryIndex(self, request, context):
         try:
             items = list(self.registry.index(request.ready))
         except Exception:
+            await self._audit_control(
+                context, "repository.index", grpc.StatusCode.INTERNAL, ready=request.ready
+            )
             await _abort_internal(context, "RepositoryIndex")
+        await self._audit_control(
+            context, "repository.index", grpc.StatusCode.OK, ready=request.ready, models=len(items)
+        )
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -238,6 +262,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
             )
 
     async def RepositoryModelLoad(self, request, context):
+        model = request.model_name[:256]
         try:
             self._check_explicit()
             if request.parameters:
@@ -252,19 +277,32 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
                     f"failed to load '{request.model_name}': {exc.reason}"
                 ) from None
         except ForsetiError as exc:
-            await _refuse(context, "RepositoryModelLoad", exc)
+            message = _refused("RepositoryModelLoad", exc)
+            await self._audit_control(context, "repository.load", exc.code, message, model=model)
+            await context.abort(exc.code, message)
         except Exception:
+            await self._audit_control(
+                context, "repository.load", grpc.StatusCode.INTERNAL, model=model
+            )
             await _abort_internal(context, "RepositoryModelLoad")
+        await self._audit_control(context, "repository.load", grpc.StatusCode.OK, model=model)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        model = request.model_name[:256]
         try:
             self._check_explicit()
             await self.registry.unload_model(request.model_name)
         except ForsetiError as exc:
-            await _refuse(context, "RepositoryModelUnload", exc)
+            message = _refused("RepositoryModelUnload", exc)
+            await self._audit_control(context, "repository.unload", exc.code, message, model=model)
+            await context.abort(exc.code, message)
         except Exception:
+            await self._audit_control(
+                context, "repository.unload", grpc.StatusCode.INTERNAL, model=model
+            )
             await _abort_internal(context, "RepositoryModelUnload")
+        await self._audit_control(context, "repository.unload", grpc.StatusCode.OK, model=model)
         return pb.RepositoryModelUnloadResponse()
 
     # ---- what Forseti does not do -------------------------------------------------------

@@ -38,8 +38,9 @@ from forseti.server.repository.layout import (
 )
 from forseti.server.scheduler.direct import INLINE_BUDGET_NS, DirectScheduler
 from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
+from forseti.server.security.audit import AuditError, AuditLog
 from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import SealError, open_sealed
+from forseti.server.security.sealed import SealError, open_sealed, peek_key_id
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class _Opened:
     digest: str
     fingerprint: tuple
     warm_ns: int
+    key_id: str | None  # the key that sealed the artifact; None for plaintext
 
 
 class ModelRegistry:
@@ -94,9 +96,11 @@ class ModelRegistry:
         keyring: Keyring | None,
         allow_plaintext: bool,
         max_batch_size: int = 4096,
+        audit: AuditLog | None = None,
     ) -> None:
         self.repository = repository
         self.max_batch_size = max_batch_size
+        self.audit = audit
         self.keyring = keyring
         self.allow_plaintext = allow_plaintext
         self.models: dict[str, ModelEntry] = {}
@@ -173,6 +177,7 @@ class ModelRegistry:
         except ModelLoadError as exc:
             entry.reason = exc.reason
             log.warning("model load failed", extra={"model": name, "reason": exc.reason})
+            await self.audit_event("model.load_failed", model=name, reason=exc.reason)
             raise
         config_digest = hashlib.sha256(config.SerializeToString(deterministic=True)).hexdigest()
 
@@ -187,9 +192,10 @@ class ModelRegistry:
                     continue
             if existing is None:
                 entry.status[v] = VersionStatus(LOADING)
+            seen: dict[str, str] = {}
             try:
                 opened = await asyncio.to_thread(
-                    self._open_version, spec, model_dir / str(v), v, config_digest
+                    self._open_version, spec, model_dir / str(v), v, config_digest, seen
                 )
             except ModelLoadError as exc:
                 failures[v] = exc.reason
@@ -197,6 +203,13 @@ class ModelRegistry:
                 log.warning(
                     "version load failed",
                     extra={"model": name, "version": v, "reason": exc.reason},
+                )
+                await self.audit_event(
+                    "model.version_load_failed",
+                    model=name,
+                    version=v,
+                    reason=exc.reason,
+                    sha256=seen.get("sha256"),
                 )
                 if existing is not None:
                     new_map[v] = existing  # the live one keeps serving
@@ -234,11 +247,28 @@ class ModelRegistry:
                 "version loaded",
                 extra={"model": name, "version": v, "sha256": opened.digest[:16]},
             )
+            await self.audit_event(
+                "model.version_loaded",
+                model=name,
+                version=v,
+                sha256=opened.digest,
+                sealed=opened.key_id is not None,
+                key_id=opened.key_id,
+                config_sha256=config_digest,
+            )
 
         if not new_map:
             # Nothing the policy asks for could be loaded: keep whatever is live.
             new_map = dict(entry.versions)
+        before = dict(entry.versions)
         self._swap(entry, new_map)
+        if any(before.get(v) is not lv for v, lv in new_map.items()) or set(before) - set(new_map):
+            await self.audit_event(
+                "model.swap",
+                model=name,
+                serving={str(v): lv.digest for v, lv in sorted(new_map.items())},
+                previous={str(v): lv.digest for v, lv in sorted(before.items())},
+            )
         for v in new_map:
             # A version whose reload failed keeps serving its previous load; say so.
             reason = f"reload failed, previous load serving: {failures[v]}" if v in failures else ""
@@ -265,15 +295,28 @@ class ModelRegistry:
             )
 
     def _open_version(
-        self, spec: ModelSpec, version_dir: Path, version: int, config_digest: str
+        self,
+        spec: ModelSpec,
+        version_dir: Path,
+        version: int,
+        config_digest: str,
+        seen: dict[str, str] | None = None,
     ) -> _Opened:
-        """Read, open, build and warm one version. Runs in a worker thread."""
+        """Read, open, build and warm one version. Runs in a worker thread.
+
+        ``seen`` receives the artifact's SHA-256 as soon as it is read, so a failed load can
+        still be audited with the digest of what it refused."""
         try:
             artifact = find_artifact(version_dir, spec.artifact_filename, self.allow_plaintext)
             fingerprint = (config_digest, artifact.fingerprint())
             blob = artifact.path.read_bytes()
             digest = hashlib.sha256(blob).hexdigest()
+            if seen is not None:
+                seen["sha256"] = digest
+            key_id = None
             if artifact.sealed:
+                with contextlib.suppress(SealError):
+                    key_id = peek_key_id(blob)
                 if self.keyring is None:
                     raise ModelLoadError("artifact is sealed but the server has no --keyring")
                 try:
@@ -296,7 +339,7 @@ class ModelRegistry:
             except BaseException:
                 backend.close()
                 raise
-            return _Opened(backend, digest, fingerprint, warm_ns)
+            return _Opened(backend, digest, fingerprint, warm_ns, key_id)
         except ModelLoadError:
             raise
         except OSError as exc:
@@ -314,10 +357,12 @@ class ModelRegistry:
             raise NotFound(f"unknown model '{shown(name)}'")
         async with entry.lock:
             entry.wanted = False
+            retired = {str(v): lv.digest for v, lv in sorted(entry.versions.items())}
             self._swap(entry, {})
             entry.status.clear()
             entry.reason = "unloaded"
             log.info("model unloaded", extra={"model": name})
+            await self.audit_event("model.unload", model=name, previous=retired)
 
     async def load_all(self) -> None:
         """Load every model in the repository; failures are recorded, never fatal."""
@@ -342,6 +387,17 @@ class ModelRegistry:
             if self.models[name].wanted:
                 await self.unload_model(name)
             self.models.pop(name, None)
+
+    async def audit_event(self, event: str, **fields: object) -> None:
+        """Record an event in the audit log, if there is one. A failed write is logged, not
+        raised: the change it describes has already happened and must not be reported as
+        failed to the caller."""
+        if self.audit is None:
+            return
+        try:
+            await self.audit.arecord(event, **fields)
+        except AuditError as exc:
+            log.error("audit write failed", extra={"event": event, "error": str(exc)})
 
     def release_all(self) -> None:
         for entry in self.models.values():
