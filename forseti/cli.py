@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "re-encrypt a repository's artifacts to the newest key, atomically, while serving",
     ),
     "audit": ("forseti.server.cli", "main_audit", "verify a hash-chained audit log"),
+    "train": (
+        "forseti.trainer_sidecar.cli",
+        "main_train",
+        "train a policy, checkpoint it, and promote it into the live server if it is better",
+    ),
     "loadtest": (
         "forseti.loadtests.runner",
         "main",

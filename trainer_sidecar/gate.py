@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 Actor = Callable[[np.ndarray], np.ndarray]
 
 
+class GateError(Exception):
+    """The gate could not compare the candidate with the live version."""
+
+
 @dataclass(frozen=True)
 class GateDecision:
     candidate_return: float
@@ -99,7 +103,14 @@ def server_actor(
 def live_version(
     client: grpcclient.InferenceServerClient, model: str, headers: dict[str, str] | None = None
 ) -> int | None:
-    """The newest ready version the server answers with, or None when nothing is live."""
+    """The newest ready version the server answers with, or None when nothing is live.
+
+    An unreachable server is an error, not "nothing live": promoting blind would skip the gate.
+    """
+    try:
+        client.is_server_live(headers=headers)
+    except InferenceServerException as exc:
+        raise GateError(f"cannot reach the server: {exc.message()}") from None
     try:
         if not client.is_model_ready(model, headers=headers):
             return None

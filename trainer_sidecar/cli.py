@@ -1,0 +1,106 @@
+"""`forseti train`: train a policy from a spec, checkpoint it, and promote it into the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from forseti.server.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+The spec is a TOML file; see examples/cartpole_ppo.toml. Exit status: 0 when the run finished
+(or stopped cleanly on SIGTERM), 1 on a bad spec, keyring, checkpoint or failed parity check.
+"""
+
+
+def main_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="forseti train",
+        description=(
+            "Train a policy with stable-baselines3 on a gymnasium env, checkpoint it (sealed "
+            "safetensors), export it to ONNX with a parity check, and promote it into the live "
+            "server only if it beats the live version on fixed-seed evaluation episodes."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", type=Path, help="training spec (TOML)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest valid checkpoint"
+    )
+    p.add_argument(
+        "--continuous",
+        action="store_true",
+        help="sidecar mode: export, gate and promote every sidecar.promote_every_timesteps "
+        "until stopped (SIGTERM checkpoints and exits) or the total is reached",
+    )
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    args = p.parse_args(argv)
+    configure_logging(args.log_level)
+
+    from .spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        print(f"forseti train: {exc}", file=sys.stderr)
+        return 1
+    return _run(spec, args)
+
+
+def _run(spec, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from forseti.exporters.errors import ExportError
+    from forseti.server.security.keyring import KeyringError, load_keyring
+
+    from .checkpoint import CheckpointError
+    from .gate import GateError
+    from .monitoring import SidecarMetrics, start_metrics_server
+    from .promote import PromotionError
+    from .run import TrainingError, TrainingRun
+
+    try:
+        keyring = load_keyring(spec.server.keyring)
+    except KeyringError as exc:
+        print(f"forseti train: server.keyring: {exc}", file=sys.stderr)
+        return 1
+    metrics = SidecarMetrics()
+    endpoint = None
+    if spec.server.metrics_port is not None:
+        endpoint, port = start_metrics_server(metrics, "127.0.0.1", spec.server.metrics_port)
+        print(f"training metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr)
+    run = TrainingRun(
+        spec,
+        keyring=keyring,
+        resume=args.resume,
+        continuous=args.continuous,
+        metrics=metrics,
+        progress=False if args.no_progress else None,
+        audit=_open_audit(spec),
+    )
+    try:
+        result = run.run()
+    except (TrainingError, CheckpointError, ExportError, GateError, PromotionError) as exc:
+        print(f"forseti train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+    promoted = ", ".join(f"v{p.version}" for p in result.promotions) or "none"
+    print(
+        f"run {spec.run_name}: {result.num_timesteps} timesteps, {result.checkpoints} "
+        f"checkpoints, promoted: {promoted}" + (" (stopped)" if result.stopped else "")
+    )
+    return 0
+
+
+def _open_audit(spec):  # type: ignore[no-untyped-def]
+    if spec.server.audit_log is None:
+        return None
+    from forseti.server.security.audit import AuditLog
+
+    return AuditLog(spec.server.audit_log, source="trainer")

@@ -1,0 +1,430 @@
+"""One training run: train in chunks, checkpoint, and export → parity → gate → promote.
+
+Training proceeds in chunks of whole rollouts (on-policy) or whole vector steps (off-policy) so
+that checkpoints, promotions and stop requests fall on the same boundaries an uninterrupted run
+passes through; a resumed run therefore ends at exactly the spec's total timesteps.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.vec_env import VecEnv
+
+from forseti.exporters.errors import ParityError
+from forseti.exporters.model_config import policy_config_text
+from forseti.exporters.onnx_export import export_onnx
+from forseti.exporters.parity import check_parity
+from forseti.exporters.policy_description import describe_policy, obs_normalization_from
+from forseti.server.repository.layout import version_dirs
+from forseti.server.security.keyring import Keyring
+
+from . import checkpoint as checkpoints
+from .algorithms import build_model, make_env, vec_normalize_of
+from .gate import GateDecision, evaluate_gate, onnx_actor
+from .monitoring import SidecarMetrics, TrainingMonitor, attach_logger
+from .promote import Promotion, promote
+from .spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+# Off-policy chunks: how many vector steps between stop checks (on-policy: one rollout).
+OFF_POLICY_CHUNK_STEPS = 256
+
+
+class TrainingError(Exception):
+    """A run cannot start or continue; the message says what to do."""
+
+
+@dataclass
+class RunResult:
+    num_timesteps: int
+    checkpoints: int = 0
+    decisions: list[GateDecision] = field(default_factory=list)
+    promotions: list[Promotion] = field(default_factory=list)
+    stopped: bool = False
+    resumed_from: int | None = None
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT; the run finishes its chunk, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    @contextmanager
+    def on_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handle(signum: int, _frame: Any) -> None:
+            log.info("stop requested; finishing the current chunk", extra={"signal": signum})
+            self.set()
+
+        for sig in previous:
+            signal.signal(sig, handle)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _pin_schedule(model: BaseAlgorithm, total_timesteps: int) -> None:
+    """Keep learning-rate and exploration schedules relative to the whole run.
+
+    Each chunked ``learn`` call would otherwise compute schedule progress against its own end.
+    """
+    original = model._update_current_progress_remaining
+
+    def update(num_timesteps: int, _chunk_total: int) -> None:
+        original(num_timesteps, total_timesteps)
+
+    model._update_current_progress_remaining = update  # type: ignore[method-assign]
+
+
+def _read_headers(spec: TrainingSpec) -> dict[str, str] | None:
+    server = spec.server
+    if server.token_header is None or server.token_file is None:
+        return None
+    try:
+        lines = server.token_file.read_text(encoding="utf-8").split()
+    except OSError as exc:
+        raise TrainingError(f"cannot read server.token_file: {exc.strerror}") from None
+    if not lines:
+        raise TrainingError("server.token_file is empty")
+    return {server.token_header: lines[0]}
+
+
+class TrainingRun:
+    """Owns the env, the model and the server client for one ``forseti train`` invocation."""
+
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        *,
+        keyring: Keyring,
+        resume: bool = False,
+        continuous: bool = False,
+        stop: StopRequest | None = None,
+        metrics: SidecarMetrics | None = None,
+        progress: bool | None = False,
+        audit: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.keyring = keyring
+        self.resume = resume
+        self.continuous = continuous
+        self.stop = stop or StopRequest()
+        self.metrics = metrics if metrics is not None else SidecarMetrics()
+        self.progress = progress
+        self.monitor: TrainingMonitor | None = None
+        self.audit = audit
+        self.headers = _read_headers(spec)
+        self.env: VecEnv | None = None
+        self.model: BaseAlgorithm | None = None
+        self._client: grpcclient.InferenceServerClient | None = None
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    @property
+    def client(self) -> grpcclient.InferenceServerClient:
+        if self._client is None:
+            self._client = grpcclient.InferenceServerClient(self.spec.server.url)
+        return self._client
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, **fields)
+
+    def _start(self, result: RunResult) -> None:
+        spec = self.spec
+        run_dir = spec.checkpoint.directory
+        self.env = make_env(spec)
+        self.model = build_model(spec, self.env)
+        _pin_schedule(self.model, spec.algorithm.total_timesteps)
+        attach_logger(self.model, self.metrics)
+        self.metrics.set_run_info(run=spec.run_name, algorithm=spec.algorithm.name, env=spec.env.id)
+        self.monitor = TrainingMonitor(
+            self.metrics, spec.algorithm.total_timesteps, progress=self.progress
+        )
+        if self.resume:
+            info = checkpoints.resume_latest(
+                self.model,
+                run_dir,
+                self.keyring,
+                run_name=spec.run_name,
+                spec_hash=spec.spec_hash,
+                vec_normalize=vec_normalize_of(self.env),
+            )
+            if info is None:
+                log.warning("no checkpoint yet; starting from scratch", extra={"dir": run_dir})
+            else:
+                result.resumed_from = self.model.num_timesteps
+                log.info(
+                    "resumed", extra={"checkpoint": info.number, "timesteps": info.num_timesteps}
+                )
+        elif version_dirs(run_dir / checkpoints.CHECKPOINTS_DIR):
+            raise TrainingError(
+                f"{run_dir} already holds checkpoints of an earlier run; pass --resume to "
+                "continue it, or set checkpoint.directory to a new folder"
+            )
+        self._audit(
+            "train.start",
+            run=spec.run_name,
+            spec_hash=spec.spec_hash,
+            resumed_from=result.resumed_from,
+            total_timesteps=spec.algorithm.total_timesteps,
+        )
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _chunk(self) -> int:
+        if self.spec.algorithm.on_policy:
+            return self.spec.rollout_timesteps
+        return self.spec.env.n_envs * OFF_POLICY_CHUNK_STEPS
+
+    def _next_boundary(self, now: int) -> int:
+        spec = self.spec
+        limits = [spec.algorithm.total_timesteps, now + self._chunk()]
+        for every in (spec.checkpoint.interval_timesteps, self._promote_every()):
+            if every:
+                limits.append((now // every + 1) * every)
+        return min(limits)
+
+    def _promote_every(self) -> int | None:
+        if not self.continuous:
+            return None
+        return self.spec.sidecar.promote_every_timesteps or self.spec.checkpoint.interval_timesteps
+
+    def run(self) -> RunResult:
+        """Train to the spec's total (or until stopped), checkpointing and promoting on the way."""
+        result = RunResult(num_timesteps=0)
+        with self.stop.on_signals():
+            try:
+                self._start(result)
+                self._loop(result)
+            finally:
+                if self.monitor is not None:
+                    self.monitor.close()
+                if self.env is not None:
+                    self.env.close()
+                if self._client is not None:
+                    self._client.close()
+        assert self.model is not None
+        result.num_timesteps = self.model.num_timesteps
+        self._audit(
+            "train.stop",
+            run=self.spec.run_name,
+            spec_hash=self.spec.spec_hash,
+            timesteps=result.num_timesteps,
+            stopped=result.stopped,
+        )
+        return result
+
+    def _loop(self, result: RunResult) -> None:
+        spec, model = self.spec, self.model
+        assert model is not None
+        total = spec.algorithm.total_timesteps
+        callbacks = [self.monitor] if self.monitor is not None else []
+        promote_every = self._promote_every()
+        while model.num_timesteps < total:
+            if self.stop:
+                result.stopped = True
+                self._checkpoint(result)
+                return
+            before = model.num_timesteps
+            boundary = self._next_boundary(before)
+            model.learn(
+                boundary - before,
+                callback=callbacks or None,
+                reset_num_timesteps=False,
+                progress_bar=False,
+            )
+            now = model.num_timesteps
+            if now % spec.checkpoint.interval_timesteps == 0 or now >= total:
+                self._checkpoint(result)
+            if promote_every and now % promote_every == 0 and now < total:
+                self._export_gate_promote(result)
+        if model.num_timesteps != total:
+            log.warning(
+                "run ended off its total",
+                extra={"timesteps": model.num_timesteps, "total": total},
+            )
+        self._export_gate_promote(result)
+
+    # -- checkpoint, export, gate, promote --------------------------------------------------
+
+    def _checkpoint(self, result: RunResult) -> None:
+        model = self.model
+        assert model is not None and self.env is not None
+        start = time.perf_counter()
+        info = checkpoints.save_checkpoint(
+            model,
+            self.spec.checkpoint.directory,
+            self.keyring,
+            run_name=self.spec.run_name,
+            spec=self.spec.to_dict(),
+            spec_hash=self.spec.spec_hash,
+            counters={"episodes": int(getattr(model, "_episode_num", 0))},
+            vec_normalize=vec_normalize_of(self.env),
+            keep=self.spec.checkpoint.keep,
+        )
+        result.checkpoints += 1
+        log.info(
+            "checkpoint written",
+            extra={
+                "number": info.number,
+                "timesteps": info.num_timesteps,
+                "ms": round((time.perf_counter() - start) * 1000, 1),
+            },
+        )
+        self._audit(
+            "train.checkpoint",
+            run=self.spec.run_name,
+            number=info.number,
+            timesteps=info.num_timesteps,
+        )
+
+    def export(self) -> tuple[bytes, Any, dict[str, Any]]:
+        """ONNX bytes, the policy description and the parity report, or ParityError."""
+        model, env = self.model, self.env
+        assert model is not None and env is not None
+        normalizer = vec_normalize_of(env)
+        start = time.perf_counter()
+        description = describe_policy(model, obs_normalization_from(normalizer))
+        onnx_bytes = export_onnx(description)
+        report = check_parity(
+            onnx_bytes,
+            model,
+            normalizer,
+            env_id=self.spec.env.id,
+            env_kwargs=dict(self.spec.env.kwargs),
+            n=self.spec.evaluation.parity_observations,
+            seed=self.spec.algorithm.seed,
+        )
+        seconds = time.perf_counter() - start
+        log.info(
+            "exported",
+            extra={
+                "bytes": len(onnx_bytes),
+                "parity_n": report.n,
+                "max_abs_error": report.max_abs_error,
+                "ms": round(seconds * 1000, 1),
+            },
+        )
+        self._audit(
+            "train.export",
+            run=self.spec.run_name,
+            timesteps=model.num_timesteps,
+            format="onnx",
+            bytes=len(onnx_bytes),
+            parity_max_abs_error=float(report.max_abs_error),
+        )
+        return onnx_bytes, description, {"n": report.n, "max_abs_error": report.max_abs_error}
+
+    def _config_text(self, description: Any) -> str:
+        spec = self.spec
+        return policy_config_text(
+            spec.model.name,
+            description,
+            max_batch_size=spec.model.max_batch_size,
+            parameters={
+                "env_id": spec.env.id,
+                "algorithm": spec.algorithm.name,
+                "training_run": spec.run_name,
+                "spec_hash": spec.spec_hash,
+            },
+        )
+
+    def _export_gate_promote(self, result: RunResult) -> None:
+        spec, model = self.spec, self.model
+        assert model is not None
+        try:
+            onnx_bytes, description, parity = self.export()
+        except ParityError as exc:
+            log.error("parity check failed; not promoting", extra={"reason": str(exc)})
+            self._audit("train.parity_failed", run=spec.run_name, reason=str(exc)[:500])
+            raise
+        decision = evaluate_gate(
+            onnx_actor(onnx_bytes),
+            self.client,
+            model=spec.model.name,
+            env_id=spec.env.id,
+            episodes=spec.evaluation.episodes,
+            seed=spec.evaluation.seed,
+            margin=spec.evaluation.margin,
+            env_kwargs=dict(spec.env.kwargs),
+            headers=self.headers,
+        )
+        result.decisions.append(decision)
+        self.metrics.record_gate(
+            decision.candidate_return, decision.live_return, decision.promoted, decision.reason
+        )
+        self._audit(
+            "train.gate",
+            run=spec.run_name,
+            candidate_return=decision.candidate_return,
+            live_return=decision.live_return,
+            live_version=decision.live_version,
+            margin=decision.margin,
+            promoted=decision.promoted,
+        )
+        if not decision.promoted:
+            return
+        manifest = {
+            "training_run": spec.run_name,
+            "spec_hash": spec.spec_hash,
+            "env_id": spec.env.id,
+            "algorithm": spec.algorithm.name,
+            "timesteps": model.num_timesteps,
+            "parity": parity,
+            "gate": {
+                "candidate_return": decision.candidate_return,
+                "live_return": decision.live_return,
+                "live_version": decision.live_version,
+                "margin": decision.margin,
+                "episodes": decision.episodes,
+                "seed": spec.evaluation.seed,
+            },
+        }
+        probe = np.zeros((1, description.obs_dim), dtype=np.float32)
+        promotion = promote(
+            self.client,
+            repository=spec.model.repository,
+            model=spec.model.name,
+            config_text=self._config_text(description),
+            artifacts={"model.onnx": onnx_bytes},
+            manifest=manifest,
+            keyring=self.keyring,
+            probe=probe,
+            timeout_s=spec.server.ready_timeout_s,
+            headers=self.headers,
+        )
+        result.promotions.append(promotion)
+        self.metrics.record_promotion(promotion.version, promotion.publish_to_serving_seconds)
+        self._audit(
+            "train.promote",
+            run=spec.run_name,
+            model=spec.model.name,
+            version=promotion.version,
+            publish_to_serving_s=promotion.publish_to_serving_seconds,
+        )
