@@ -47,7 +47,9 @@ BOX = "box"
 # action_transform: how the actor's head becomes the env-ready action.
 ACTION_ARGMAX = "argmax"  # discrete: index of the largest head value, first one on ties
 ACTION_CLIP = "clip"  # Box, unsquashed (PPO/A2C): min(max(head, low), high), as SB3's predict
-ACTION_SCALE = "scale"  # Box, squashed (SAC/TD3): low + 0.5 * (head + 1) * (high - low)
+# Box, squashed (SAC/TD3): clip(low + 0.5 * (head + 1) * (high - low), low, high); SB3 does not
+# clip, but float32 rounding can land an ulp outside the bounds, which an env may reject.
+ACTION_SCALE = "scale"
 EXTRA_LOGITS = "logits"
 EXTRA_Q_VALUES = "q_values"
 
@@ -259,7 +261,8 @@ def evaluate(desc: PolicyDescription, obs: np.ndarray) -> dict[str, np.ndarray]:
     else:
         low = np.asarray(desc.action_low, np.float64)
         high = np.asarray(desc.action_high, np.float64)
-        out[ACTION] = (low + 0.5 * (head + 1.0) * (high - low)).astype(np.float32)
+        scaled = np.clip(low + 0.5 * (head + 1.0) * (high - low), low, high)
+        out[ACTION] = scaled.astype(np.float32)
     if desc.value is not None:
         out[VALUE] = _run_chain(x, desc.value).astype(np.float32)
     if desc.extra_output is not None:
