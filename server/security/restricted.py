@@ -154,7 +154,7 @@ class ProtocolGroup:
     protocols: tuple[str, ...]
     header: str  # the full metadata key, `triton-grpc-protocol-<key>`
     source: str  # where the tokens come from, safe to log: "file ...", "env ...", "argv"
-    digests: tuple[bytes, ...]
+    digests: tuple[bytes, ...] = field(repr=False)
     path: Path | None = None  # the token file, re-read when it changes
     stamp: tuple[int, int, int] | None = field(default=None, repr=False)
 
@@ -176,8 +176,9 @@ def parse_restriction(setting: str, env: Mapping[str, str] | None = None) -> Pro
     env = os.environ if env is None else env
     head, colon, assignment = setting.partition(":")
     key, equals, value = assignment.partition("=")
-    # Only the part before '=' may appear in messages: the rest can be a literal token.
-    shown = f"{head}:{key}" if colon else head
+    # Only the protocols and the key may appear in messages: the rest can be a literal token
+    # (and without '=' what follows ':' may be a token the key was forgotten before).
+    shown = f"{head}:{key}" if colon and equals else head
     if not colon or not equals:
         raise RestrictionError(
             f"--grpc-restricted-protocol '{shown}...': expected "
@@ -321,10 +322,12 @@ def _refusal(
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         request_id = new_request_id()
+        caller = caller_identity(context)
         log.warning(
             "restricted call refused",
             extra={
-                "peer": context.peer(),
+                "peer": caller.peer,
+                "tls_subject": caller.tls_subject or "",
                 "rpc": method.rsplit("/", 1)[-1],
                 "group": group.label,
                 "reason": reason,
