@@ -1,0 +1,319 @@
+"""The training pipeline end to end: real SB3 training → sealed checkpoints → ONNX export with
+parity → gate against the live server → sealed publish → the server answers from the new
+version, over real gRPC with tritonclient."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from stable_baselines3 import PPO
+from tritonclient.utils import InferenceServerException
+
+from forseti.exporters import onnx_export
+from forseti.exporters.errors import ParityError
+from forseti.exporters.model_config import policy_config_text
+from forseti.exporters.policy_description import PolicyDescription, describe_policy
+from forseti.server.repository.layout import version_dirs
+from forseti.server.security.keyring import Keyring
+from forseti.server.security.sealed import open_sealed_file
+from forseti.trainer_sidecar import run as run_module
+from forseti.trainer_sidecar.gate import evaluate_gate, onnx_actor
+from forseti.trainer_sidecar.promote import promote
+from forseti.trainer_sidecar.run import RunResult, TrainingRun
+from forseti.trainer_sidecar.spec import TrainingSpec, load_spec
+
+from .server_process import ServerProcess
+from .training_specs import PPO_CARTPOLE, SAC_PENDULUM, write_spec
+
+pytestmark = pytest.mark.slow
+
+FirstRun = tuple[TrainingSpec, RunResult]
+
+
+@dataclass
+class Served:
+    server: ServerProcess
+    repository: Path
+    root: Path
+    keyring_path: Path
+    keyring: Keyring
+    runs: int = 0
+
+    def spec(self, template: str = PPO_CARTPOLE, **kwargs: Any) -> TrainingSpec:
+        self.runs += 1
+        run_dir = self.root / f"run-{self.runs}"
+        path = write_spec(
+            self.root / f"spec-{self.runs}.toml",
+            template,
+            repository=self.repository,
+            run_dir=run_dir,
+            url=self.server.url,
+            keyring=self.keyring_path,
+            **kwargs,
+        )
+        return load_spec(path)
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, keyring_path: Path, keyring: Keyring
+) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("training")
+    repository = root / "repo"
+    repository.mkdir()
+    server = ServerProcess(repository, keyring_path, ["--model-control-mode", "explicit"])
+    server.start()
+    try:
+        yield Served(server, repository, root, keyring_path, keyring)
+    finally:
+        server.stop()
+
+
+def infer(
+    client: grpcclient.InferenceServerClient, model: str, obs: np.ndarray
+) -> grpcclient.InferResult:
+    tensor = grpcclient.InferInput("obs", list(obs.shape), "FP32")
+    tensor.set_data_from_numpy(obs.astype(np.float32))
+    return client.infer(model, [tensor])
+
+
+def always_left_policy() -> PPO:
+    """A CartPole policy that always pushes left: the worst sensible live version."""
+    model = PPO("MlpPolicy", "CartPole-v1", device="cpu", seed=0)
+    with torch.no_grad():
+        model.policy.action_net.weight.zero_()
+        model.policy.action_net.bias.copy_(torch.tensor([1.0, 0.0]))
+    return model
+
+
+def publish_policy(served: Served, model_name: str, sb3_model: PPO) -> int:
+    description = describe_policy(sb3_model)
+    client = served.server.client()
+    try:
+        return promote(
+            client,
+            repository=served.repository,
+            model=model_name,
+            config_text=policy_config_text(
+                model_name, description, max_batch_size=64, parameters={"env_id": "CartPole-v1"}
+            ),
+            artifacts={"model.onnx": onnx_export.export_onnx(description)},
+            manifest={"training_run": "hand-made"},
+            keyring=served.keyring,
+            probe=np.zeros((1, 4), dtype=np.float32),
+        ).version
+    finally:
+        client.close()
+
+
+@dataclass
+class Caller:
+    """A client that keeps making decision calls in a thread, recording what answered."""
+
+    server: ServerProcess
+    model: str
+    versions: set[str] = field(default_factory=set)
+    calls: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Caller:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        client = self.server.client()
+        obs = np.zeros((1, 4), dtype=np.float32)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.versions.add(infer(client, self.model, obs).get_response().model_version)
+                    self.calls += 1
+                except InferenceServerException as exc:
+                    self.failures.append(str(exc))
+        finally:
+            client.close()
+
+    def wait_for(self, version: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while version not in self.versions and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def first_run(served: Served) -> FirstRun:
+    """A short PPO CartPole run promoted into an empty repository."""
+    spec = served.spec(model="cartpole")
+    result = TrainingRun(spec, keyring=served.keyring).run()
+    return spec, result
+
+
+def test_first_run_is_promoted_because_nothing_is_live(first_run: FirstRun) -> None:
+    _, result = first_run
+    assert [p.version for p in result.promotions] == [1]
+    assert result.decisions[0].live_return is None
+    assert result.decisions[0].reason == "no live version"
+
+
+def test_run_ends_at_exactly_the_total_timesteps(first_run: FirstRun) -> None:
+    spec, result = first_run
+    assert result.num_timesteps == spec.algorithm.total_timesteps == 4096
+    assert result.checkpoints == 2
+
+
+def test_server_decisions_equal_the_published_onnx(served: Served, first_run: FirstRun) -> None:
+    sealed = served.repository / "cartpole" / "1" / "model.onnx.sealed"
+    onnx_bytes = open_sealed_file(sealed, served.keyring, model="cartpole", version=1)
+    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    env = gymnasium.make("CartPole-v1")
+    obs = np.stack([env.observation_space.sample() for _ in range(64)]).clip(-5, 5)
+    client = served.server.client()
+    try:
+        answered = infer(client, "cartpole", obs).as_numpy("action")
+    finally:
+        client.close()
+    expected = session.run(["action"], {"obs": obs.astype(np.float32)})[0]
+    assert np.array_equal(answered, expected)
+
+
+def test_published_config_and_manifest_record_the_run(served: Served, first_run: FirstRun) -> None:
+    spec, _ = first_run
+    config = (served.repository / "cartpole" / "config.pbtxt").read_text()
+    for text in ('"CartPole-v1"', '"PPO"', f'"{spec.run_name}"', f'"{spec.spec_hash}"'):
+        assert text in config
+    manifest = json.loads((served.repository / "cartpole" / "1" / "manifest.json").read_text())
+    assert manifest["gate"]["candidate_return"] > 0
+    assert manifest["timesteps"] == 4096
+    assert manifest["parity"]["n"] >= 1000
+
+
+def test_nothing_plaintext_is_written_for_checkpoints_or_versions(
+    served: Served, first_run
+) -> None:
+    spec, _ = first_run
+    written = [p for p in spec.checkpoint.directory.rglob("*") if p.is_file()]
+    written += [p for p in (served.repository / "cartpole").rglob("*") if p.is_file()]
+    plain = [
+        p
+        for p in written
+        if not p.name.endswith(".sealed") and p.name not in ("config.pbtxt", "manifest.json")
+    ]
+    assert written and plain == []
+
+
+def test_better_candidate_replaces_a_worse_live_version_without_a_failed_call(
+    served: Served,
+) -> None:
+    assert publish_policy(served, "swap", always_left_policy()) == 1
+    spec = served.spec(model="swap")
+    with Caller(served.server, "swap") as caller:
+        result = TrainingRun(spec, keyring=served.keyring).run()
+        caller.wait_for("2")
+    decision = result.decisions[0]
+    assert decision.live_version == 1
+    assert decision.candidate_return > decision.live_return
+    assert [p.version for p in result.promotions] == [2]
+    assert caller.failures == []
+    assert caller.calls > 0
+    assert caller.versions == {"1", "2"}
+
+
+def test_worse_candidate_is_not_promoted(served: Served, first_run: FirstRun) -> None:
+    worse = onnx_export.export_onnx(describe_policy(always_left_policy()))
+    client = served.server.client()
+    try:
+        decision = evaluate_gate(
+            onnx_actor(worse),
+            client,
+            model="cartpole",
+            env_id="CartPole-v1",
+            episodes=5,
+            seed=10_000,
+            margin=0.0,
+        )
+    finally:
+        client.close()
+    assert decision.live_version == 1
+    assert decision.live_return > decision.candidate_return
+    assert not decision.promoted
+
+
+def test_run_that_does_not_clear_the_margin_publishes_nothing(
+    served: Served, first_run: FirstRun
+) -> None:
+    before = set(version_dirs(served.repository / "cartpole"))
+    spec = served.spec(model="cartpole", total=1024, interval=1024, margin=10_000.0)
+    result = TrainingRun(spec, keyring=served.keyring).run()
+    assert result.promotions == []
+    assert not result.decisions[0].promoted
+    assert set(version_dirs(served.repository / "cartpole")) == before
+
+
+def test_parity_failure_stops_the_promotion_and_keeps_the_live_version(
+    served: Served,
+    first_run,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_export = onnx_export.export_onnx
+
+    def corrupted_export(desc: PolicyDescription) -> bytes:
+        last = desc.actor[-1]
+        last.weight[...] = -last.weight  # flip the policy's preferences: a wrong export
+        return real_export(desc)
+
+    monkeypatch.setattr(run_module, "export_onnx", corrupted_export)
+    before = set(version_dirs(served.repository / "cartpole"))
+    spec = served.spec(model="cartpole", total=1024, interval=1024)
+    with pytest.raises(ParityError):
+        TrainingRun(spec, keyring=served.keyring).run()
+    assert set(version_dirs(served.repository / "cartpole")) == before
+    client = served.server.client()
+    try:
+        answered = infer(client, "cartpole", np.zeros((1, 4), np.float32)).get_response()
+    finally:
+        client.close()
+    assert answered.model_version == str(max(before))
+
+
+def test_continuous_sac_pendulum_run_promotes_box_actions(served: Served) -> None:
+    spec = served.spec(
+        SAC_PENDULUM,
+        model="pendulum",
+        total=1200,
+        interval=600,
+        episodes=2,
+        margin=-10_000.0,
+    )
+    result = TrainingRun(spec, keyring=served.keyring, continuous=True).run()
+    assert result.num_timesteps == 1200
+    assert [p.version for p in result.promotions] == [1, 2]
+    sealed = served.repository / "pendulum" / "2" / "model.onnx.sealed"
+    onnx_bytes = open_sealed_file(sealed, served.keyring, model="pendulum", version=2)
+    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    obs = np.random.default_rng(0).uniform(-1, 1, (32, 3)).astype(np.float32)
+    client = served.server.client()
+    try:
+        answered = infer(client, "pendulum", obs).as_numpy("action")
+    finally:
+        client.close()
+    expected = session.run(["action"], {"obs": obs})[0]
+    assert answered.dtype == np.float32 and answered.shape == (32, 1)
+    assert np.max(np.abs(answered - expected)) <= 1e-5
+    assert np.all(np.abs(answered) <= 2.0)  # Pendulum's torque bounds, applied in the graph
