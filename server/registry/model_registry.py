@@ -328,6 +328,16 @@ class ModelRegistry:
                         filename=artifact.filename,
                     )
                 except SealError as exc:
+                    # The detail (key id, format) is for the operator; clients see the reason.
+                    log.warning(
+                        "sealed artifact refused",
+                        extra={
+                            "model": spec.name,
+                            "version": version,
+                            "reason": exc.reason,
+                            "detail": exc.detail or "",
+                        },
+                    )
                     raise ModelLoadError(f"sealed artifact refused: {exc.reason}") from None
             else:
                 model_bytes = blob
