@@ -353,7 +353,9 @@ class ModelRegistry:
         except ModelLoadError:
             raise
         except OSError as exc:
-            raise ModelLoadError(f"cannot read artifact: {exc.strerror or exc}") from None
+            raise ModelLoadError(
+                f"cannot read artifact: {exc.strerror or exc.__class__.__name__}"
+            ) from None
         except Exception as exc:
             log.exception("unexpected error loading version", extra={"model": spec.name})
             raise ModelLoadError(f"unexpected error: {exc.__class__.__name__}") from None
