@@ -142,6 +142,7 @@ class TrainingRun:
         self.env: VecEnv | None = None
         self.model: BaseAlgorithm | None = None
         self._client: grpcclient.InferenceServerClient | None = None
+        self._checkpointed_at: int | None = None
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -249,7 +250,8 @@ class TrainingRun:
         while model.num_timesteps < total:
             if self.stop:
                 result.stopped = True
-                self._checkpoint(result)
+                if self._checkpointed_at != model.num_timesteps:
+                    self._checkpoint(result)
                 return
             before = model.num_timesteps
             boundary = self._next_boundary(before)
@@ -289,6 +291,7 @@ class TrainingRun:
             keep=self.spec.checkpoint.keep,
         )
         result.checkpoints += 1
+        self._checkpointed_at = info.num_timesteps
         log.info(
             "checkpoint written",
             extra={
