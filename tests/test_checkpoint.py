@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from stable_baselines3 import DQN, PPO, SAC
+from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
@@ -228,6 +228,37 @@ def test_dqn_round_trip_restores_exploration_and_target_update_counters(
     assert fresh.replay_buffer.pos == model.replay_buffer.pos == 120
     fresh.learn(40, reset_num_timesteps=False)
     assert fresh.num_timesteps == 160
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: A2C(
+            "MlpPolicy", "CartPole-v1", n_steps=16, seed=seed, policy_kwargs={"net_arch": [16]}
+        ),
+        lambda seed: TD3(
+            "MlpPolicy",
+            "Pendulum-v1",
+            buffer_size=500,
+            learning_starts=32,
+            batch_size=16,
+            seed=seed,
+            policy_kwargs={"net_arch": [16]},
+        ),
+    ],
+    ids=["A2C", "TD3"],
+)
+def test_other_algorithms_round_trip_and_continue(tmp_path: Path, keyring: Keyring, make) -> None:
+    model = make(0).learn(64)
+    save(model, tmp_path, keyring)
+    fresh = make(1)
+    info = resume_latest(fresh, tmp_path, keyring, run_name=RUN, spec_hash=SPEC_HASH)
+
+    assert info is not None and info.algorithm == type(model).__name__
+    assert_same_torch_state(model, fresh)
+    assert fresh._n_updates == model._n_updates > 0
+    fresh.learn(32, reset_num_timesteps=False)
+    assert fresh.num_timesteps == 96
 
 
 def test_vecnormalize_statistics_round_trip(tmp_path: Path, keyring: Keyring) -> None:
@@ -499,6 +530,7 @@ _WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_checkpoint_writer_killed_mid_write_leaves_a_complete_checkpoint(
     tmp_path: Path, keyring: Keyring, keyring_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -522,7 +554,6 @@ def test_checkpoint_writer_killed_mid_write_leaves_a_complete_checkpoint(
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if any(e.name.startswith(".publish-") for e in os.scandir(checkpoints)):
-                print("killed mid-write")
                 break
             time.sleep(0.002)
     finally:
