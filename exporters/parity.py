@@ -101,7 +101,9 @@ def _reference(
     """SB3's own answers on normalised observations."""
     import torch
 
-    actions, _ = model.predict(norm_obs, deterministic=True)
+    # predict() wants the env's own observation shape; the artifacts take it flattened.
+    shaped = norm_obs.reshape(len(norm_obs), *model.observation_space.shape)
+    actions, _ = model.predict(shaped, deterministic=True)
     out = {ACTION: np.asarray(actions)}
     policy = model.policy
     obs_t = torch.as_tensor(norm_obs, dtype=torch.float32, device=policy.device)

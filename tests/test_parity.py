@@ -155,3 +155,25 @@ def test_a_one_sided_infinite_bound_keeps_a_non_empty_box() -> None:
     obs = sample_observations(space, 500, np.random.default_rng(0))
     assert (obs[:, 0] >= -50 - 2 * SANE_BOUND).all() and (obs[:, 0] <= -50).all()
     assert (obs[:, 1] >= 50).all() and (obs[:, 1] <= 50 + 2 * SANE_BOUND).all()
+
+
+class GridEnv(gym.Env):
+    """Observations shaped [2, 3] (flattened by MlpPolicy), two actions."""
+
+    observation_space = gym.spaces.Box(-1, 1, (2, 3), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+def test_a_two_dimensional_observation_is_served_flattened() -> None:
+    model = DQN("MlpPolicy", GridEnv(), seed=0, device="cpu", policy_kwargs={"net_arch": [8]})
+    desc = describe_policy(model)
+    assert (desc.obs_dim, desc.obs_shape) == (6, (2, 3))
+    report = check_parity(export_onnx(desc), model, None, n=200)
+    assert report.mismatches == 0
