@@ -75,7 +75,7 @@ FORBIDDEN_NAMES = frozenset(
     }
 )
 _EVENT_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _RECORD_KEYS = ("seq", "ts", "event", "fields", "prev")
 _TAIL_BLOCK = 8192

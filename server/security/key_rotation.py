@@ -145,9 +145,7 @@ def _in_use_message(
         for f in needing:
             per_root[f.root] = per_root.get(f.root, 0) + 1
         where = ", ".join(f"{n} in {root}" for root, n in per_root.items())
-        lines.append(
-            f"key {key_id!r} is still needed by {len(needing)} sealed file(s) ({where}):"
-        )
+        lines.append(f"key {key_id!r} is still needed by {len(needing)} sealed file(s) ({where}):")
         lines += [f"  {f.path}" for f in needing[:10]]
         if len(needing) > 10:
             lines.append(f"  ... and {len(needing) - 10} more")
@@ -155,8 +153,7 @@ def _in_use_message(
         lines.append(f"reseal them first: forseti reseal --keyring {path} {repos}")
     if unreadable:
         lines.append(
-            f"{len(unreadable)} file(s) could not be read, so whether they need the key is "
-            "unknown:"
+            f"{len(unreadable)} file(s) could not be read, so whether they need the key is unknown:"
         )
         lines += [f"  {u}" for u in unreadable[:10]]
     lines.append(f"keyring {path} left unchanged")
