@@ -15,13 +15,17 @@ Tensor names are kept as the checkpoint has them (no llama.cpp name mapping), an
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
+import os
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -42,9 +46,9 @@ from forseti.server.security.sealed import SEALED_SUFFIX, SealingWriter, atomic_
 
 log = logging.getLogger(__name__)
 
-# Elements per slice: 8 Mi elements is 16 MiB of BF16 input and 32 MiB as float32, large
+# Elements per slice: 4 Mi elements is 8 MiB of BF16 input and 16 MiB as float32, large
 # enough that per-slice Python overhead is negligible. A multiple of every block size used.
-DEFAULT_SLICE_ELEMENTS = 8 << 20
+DEFAULT_SLICE_ELEMENTS = 4 << 20
 # safetensors itself refuses headers above 100 MB; so do we, before parsing any JSON.
 MAX_HEADER_BYTES = 100_000_000
 # ggml's GGML_MAX_NAME is 64 bytes including the terminating NUL.
@@ -254,33 +258,47 @@ def _quant_row_width(count: int) -> int:
     return width
 
 
-def _converted_slices(
-    planned: PlannedTensor, slice_elements: int
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(input bytes consumed, output array) per slice; each slice is mapped, then released."""
-    src = planned.source
+@dataclass(frozen=True)
+class _SliceJob:
+    planned: PlannedTensor
+    start: int  # first element
+    count: int
+    last: bool  # the tensor's last slice
+
+    @property
+    def in_bytes(self) -> int:
+        return self.count * _SOURCE_DTYPES[self.planned.source.dtype][1]
+
+
+def _slice_jobs(plan: list[PlannedTensor], slice_elements: int) -> Iterator[_SliceJob]:
+    for p in plan:
+        total = p.source.n_elements
+        if total == 0:
+            yield _SliceJob(p, 0, 0, True)
+        for start in range(0, total, slice_elements):
+            count = min(slice_elements, total - start)
+            yield _SliceJob(p, start, count, start + count == total)
+
+
+def _convert_slice(job: _SliceJob) -> np.ndarray:
+    """Map one slice of the checkpoint, convert it; the map is released with the result."""
+    src, qtype = job.planned.source, job.planned.qtype
+    if job.count == 0:
+        return np.empty(0, dtype=np.uint8)
     np_dtype, itemsize = _SOURCE_DTYPES[src.dtype]
-    same = (src.dtype, planned.qtype) in (
-        ("F32", GGMLQuantizationType.F32),
-        ("F16", GGMLQuantizationType.F16),
+    raw = np.memmap(
+        src.file,
+        dtype=np_dtype,
+        mode="r",
+        offset=src.offset + job.start * itemsize,
+        shape=(job.count,),
     )
-    total = src.n_elements
-    for start in range(0, total, slice_elements):
-        count = min(slice_elements, total - start)
-        raw = np.memmap(
-            src.file, dtype=np_dtype, mode="r", offset=src.offset + start * itemsize, shape=(count,)
-        )
-        if same:
-            out = raw
-        elif planned.qtype == GGMLQuantizationType.Q8_0:
-            values = _as_float32(raw, src.dtype)
-            out = quantize(values.reshape(-1, _quant_row_width(count)), planned.qtype)
-            del values
-        else:
-            out = quantize(_as_float32(raw, src.dtype), planned.qtype)
-        yield count * itemsize, out
-        # Unmap before the next slice is mapped: mapped pages count towards RSS.
-        del raw, out
+    if (src.dtype, qtype) in (("F32", GGMLQuantizationType.F32), ("F16", GGMLQuantizationType.F16)):
+        return raw  # written straight from the map
+    values = _as_float32(raw, src.dtype)
+    if qtype == GGMLQuantizationType.Q8_0:
+        values = values.reshape(-1, _quant_row_width(job.count))
+    return quantize(values, qtype)
 
 
 def _pad(sink: _Sink, alignment: int) -> None:
@@ -298,6 +316,7 @@ def _write_gguf(
     outtype: str,
     metadata: dict[str, str],
     slice_elements: int,
+    threads: int,
     advance: Callable[[int], None],
 ) -> None:
     writer = GGUFWriter(path=None, arch=arch)
@@ -319,18 +338,35 @@ def _write_gguf(
     writer.write_ti_data_to_file()
     alignment = writer.data_alignment
     _pad(sink, alignment)
-    for p in plan:
-        start = sink.tell()
-        for consumed, out in _converted_slices(p, slice_elements):
+    tensor_start = sink.tell()
+    # Slices convert on worker threads (numpy releases the GIL) and are written in order; at
+    # most `threads` slices are in flight, so memory stays bounded by the slice size.
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gguf-convert")
+    try:
+        jobs = _slice_jobs(plan, slice_elements)
+        pending: deque[tuple[_SliceJob, Future[np.ndarray]]] = deque(
+            (job, pool.submit(_convert_slice, job)) for job in itertools.islice(jobs, threads)
+        )
+        while pending:
+            job, future = pending.popleft()
+            out = future.result()
             sink.write(memoryview(np.ascontiguousarray(out)).cast("B"))
-            del out  # before the next slice is made: keeps peak memory at one slice
-            advance(consumed)
-        written = sink.tell() - start
-        if written != p.out_nbytes:  # the tensor table promised this size
-            raise ConvertError(
-                f"tensor {p.source.name!r}: wrote {written}, expected {p.out_nbytes}"
-            )
-        _pad(sink, alignment)
+            del out, future  # drop the slice (and its map) before more are made
+            following = next(jobs, None)
+            if following is not None:
+                pending.append((following, pool.submit(_convert_slice, following)))
+            advance(job.in_bytes)
+            if job.last:
+                written = sink.tell() - tensor_start
+                if written != job.planned.out_nbytes:  # the tensor table promised this size
+                    raise ConvertError(
+                        f"tensor {job.planned.source.name!r}: wrote {written}, "
+                        f"expected {job.planned.out_nbytes}"
+                    )
+                _pad(sink, alignment)
+                tensor_start = sink.tell()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     sink.flush()
 
 
@@ -364,6 +400,7 @@ def convert_checkpoint(
     progress: bool | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     slice_elements: int = DEFAULT_SLICE_ELEMENTS,
+    threads: int | None = None,
 ) -> ConvertResult:
     """Convert a safetensors checkpoint (file or folder of shards) to GGUF at ``output``.
 
@@ -372,6 +409,8 @@ def convert_checkpoint(
     ``general.architecture``. With ``keyring`` (and ``model``/``version`` for the binding) the
     output is sealed while it is written, to ``<output>.sealed``. ``progress``: a tqdm bar
     with MB/s (None: only on a terminal); ``on_progress(bytes_read, total)`` after each slice.
+    ``threads`` slices convert at once (default: the CPU count, at most 4); peak memory is
+    about ``threads + 1`` slices.
     The output appears atomically, complete or not at all.
     """
     if outtype not in OUT_TYPES:
@@ -412,6 +451,7 @@ def convert_checkpoint(
         "outtype": outtype,
         "metadata": metadata,
         "slice_elements": slice_elements,
+        "threads": threads or min(4, os.cpu_count() or 1),
         "advance": advance,
     }
     started = time.perf_counter()
