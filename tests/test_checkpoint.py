@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from forseti.trainer_sidecar.checkpoint import (
     CHECKPOINTS_DIR,
     STALE_TEMP_SECONDS,
     CheckpointError,
+    CheckpointInfo,
     LoadedCheckpoint,
     latest_valid_checkpoint,
     load_checkpoint,
@@ -98,7 +99,7 @@ def trained_ppo() -> PPO:
     return make_ppo().learn(128)
 
 
-def save(model: BaseAlgorithm, run_dir: Path, keyring: Keyring, **kwargs: Any):
+def save(model: BaseAlgorithm, run_dir: Path, keyring: Keyring, **kwargs: Any) -> CheckpointInfo:
     kwargs.setdefault("spec_hash", SPEC_HASH)
     kwargs.setdefault("counters", {"episodes": 7, "wall_seconds": 1.5})
     return save_checkpoint(model, run_dir, keyring, run_name=RUN, spec=SPEC, **kwargs)
@@ -248,7 +249,9 @@ def test_dqn_round_trip_restores_exploration_and_target_update_counters(
     ],
     ids=["A2C", "TD3"],
 )
-def test_other_algorithms_round_trip_and_continue(tmp_path: Path, keyring: Keyring, make) -> None:
+def test_other_algorithms_round_trip_and_continue(
+    tmp_path: Path, keyring: Keyring, make: Callable[[int], BaseAlgorithm]
+) -> None:
     model = make(0).learn(64)
     save(model, tmp_path, keyring)
     fresh = make(1)

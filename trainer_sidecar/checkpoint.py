@@ -377,7 +377,11 @@ def save_checkpoint(
     except (PublishError, OSError) as exc:
         raise CheckpointError(f"cannot write a checkpoint under {checkpoints}: {exc}") from None
     path = checkpoints / str(number)
-    _prune(checkpoints, keep=keep, newest=number)
+    try:
+        _prune(checkpoints, keep=keep, newest=number)
+    except OSError as exc:
+        # The new checkpoint is safely written; old ones linger until a later save prunes them.
+        log.warning("cannot prune old checkpoints", extra={"dir": str(checkpoints), "error": exc})
     seconds = time.perf_counter() - started
     log.info(
         "checkpoint saved",
