@@ -1,13 +1,15 @@
-"""Forseti end to end on one machine: keyring, sealed policy, serve, decide, hot-swap.
+"""Forseti end to end on one machine, the way it runs in production:
 
-Until the trainer sidecar lands, the policy is a small fixed MLP for a CartPole-shaped
-observation (4 floats -> 2 actions) built directly as ONNX; everything after that step
-(sealing, atomic publishing, serving, decision calls, swapping) is the real path.
+1. a fresh keyring; 2. the server, on an empty repository; 3. the trainer sidecar
+(`forseti train examples/cartpole_ppo.toml`): PPO on CartPole-v1, sealed checkpoints, ONNX export
+with a parity check, the evaluation gate, a sealed atomic publish and RepositoryModelLoad;
+4. a client plays CartPole asking the server for every action, and reports the episode returns
+and the decision latency it saw; 5. a clean stop.
 """
 
 from __future__ import annotations
 
-import logging
+import re
 import shutil
 import signal
 import socket
@@ -16,60 +18,19 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium
 import numpy as np
 import tritonclient.grpc as grpcclient
-from onnx import TensorProto, helper, numpy_helper
 
-from forseti.server.repository.publish import publish_version
 from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import seal_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "examples" / "cartpole_ppo.toml"
 REPO = ROOT / "model_repository"
+RUNS = ROOT / "runs"
 KEYRING = ROOT / ".demo-keyring.json"
-MODEL = "cartpole_policy"
-
-CONFIG = f"""name: "{MODEL}"
-backend: "onnxruntime"
-max_batch_size: 32
-input [ {{ name: "obs" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-output [
-  {{ name: "action" data_type: TYPE_INT64 dims: [ 1 ] }},
-  {{ name: "logits" data_type: TYPE_FP32 dims: [ 2 ] }}
-]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-parameters {{ key: "env_id" value: {{ string_value: "CartPole-v1" }} }}
-parameters {{ key: "action_space" value: {{ string_value: "Discrete(2)" }} }}
-"""
-
-
-def policy_onnx(sign: float) -> bytes:
-    """Push the cart toward the pole's lean (sign=+1) or away from it (sign=-1)."""
-    w = np.array([[0, 0], [0, 0], [-1, 1], [-0.5, 0.5]], np.float32) * sign
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["obs", "w"], ["logits"]),
-            helper.make_node("ArgMax", ["logits"], ["action"], axis=1, keepdims=1),
-        ],
-        MODEL,
-        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", 4])],
-        [
-            helper.make_tensor_value_info("action", TensorProto.INT64, ["batch", 1]),
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2]),
-        ],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
-def publish(keyring: Keyring, model: bytes) -> int:
-    def files(version: int) -> dict[str, bytes]:
-        sealed = seal_bytes(model, keyring, model=MODEL, version=version, filename="model.onnx")
-        return {"model.onnx.sealed": sealed}
-
-    return publish_version(REPO / MODEL, files)
+MODEL = "cartpole"
+EPISODES = 10
 
 
 def free_port() -> int:
@@ -78,76 +39,103 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def decide(client: grpcclient.InferenceServerClient, obs: np.ndarray) -> tuple[int, str, float]:
-    inp = grpcclient.InferInput("obs", [1, 4], "FP32")
-    inp.set_data_from_numpy(obs.reshape(1, 4).astype(np.float32))
-    started = time.perf_counter()
-    result = client.infer(MODEL, [inp])
-    elapsed_ms = (time.perf_counter() - started) * 1e3
-    return int(result.as_numpy("action")[0, 0]), result.get_response().model_version, elapsed_ms
+def demo_spec(url: str) -> Path:
+    """The example spec, pointed at this demo's server, keyring and folders."""
+    text = SPEC.read_text()
+    for key, value in {
+        "url": url,
+        "keyring": str(KEYRING),
+        "repository": str(REPO),
+        "directory": str(RUNS / MODEL),
+    }.items():
+        text = re.sub(rf'^{key} = ".*"$', f'{key} = "{value}"', text, flags=re.MULTILINE)
+    path = RUNS / "demo-spec.toml"
+    path.write_text(text)
+    return path
+
+
+def wait_ready(client: grpcclient.InferenceServerClient, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode}")
+        try:
+            if client.is_server_ready():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the server did not become ready in 60 s")
+
+
+def play(client: grpcclient.InferenceServerClient) -> tuple[list[float], list[float], set[str]]:
+    """Play CartPole with every action decided by the server; returns, latencies (ms), versions."""
+    env = gymnasium.make("CartPole-v1")
+    returns, latencies, versions = [], [], set()
+    obs_input = grpcclient.InferInput("obs", [1, 4], "FP32")
+    for episode in range(EPISODES):
+        obs, _ = env.reset(seed=1_000 + episode)
+        total, done = 0.0, False
+        while not done:
+            obs_input.set_data_from_numpy(np.asarray(obs, np.float32).reshape(1, 4))
+            started = time.perf_counter()
+            result = client.infer(MODEL, [obs_input])
+            latencies.append((time.perf_counter() - started) * 1e3)
+            versions.add(result.get_response().model_version)
+            obs, reward, terminated, truncated, _ = env.step(int(result.as_numpy("action")[0, 0]))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return returns, latencies, versions
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING)
-    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the server's
-    print("1. keyring:", KEYRING)
-    keyring = Keyring.generate()
-    keyring.save(KEYRING)
-    print("2. repository:", REPO / MODEL)
+    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the children's
+    started = time.monotonic()
+    Keyring.generate().save(KEYRING)
+    print(f"1. keyring {KEYRING} (mode 0600, never committed)")
     shutil.rmtree(REPO / MODEL, ignore_errors=True)
-    (REPO / MODEL).mkdir(parents=True)
-    (REPO / MODEL / "config.pbtxt").write_text(CONFIG)
-    v1 = publish(keyring, policy_onnx(+1.0))
-    print(f"   published sealed version {v1}")
+    shutil.rmtree(RUNS / MODEL, ignore_errors=True)
+    REPO.mkdir(exist_ok=True)
+    RUNS.mkdir(exist_ok=True)
 
     port, metrics = free_port(), free_port()
-    cmd = [sys.executable, "-m", "forseti", "serve", "--model-repository", str(REPO),
-           "--keyring", str(KEYRING), "--grpc-address", "127.0.0.1", "--grpc-port", str(port),
-           "--metrics-port", str(metrics), "--model-control-mode", "explicit",
-           "--load-model", MODEL]  # fmt: skip
-    print("3. serving:", " ".join(cmd[2:]))
-    server = subprocess.Popen(cmd)
+    serve = [sys.executable, "-m", "forseti", "serve", "--model-repository", str(REPO),
+             "--keyring", str(KEYRING), "--grpc-address", "127.0.0.1", "--grpc-port", str(port),
+             "--metrics-port", str(metrics), "--model-control-mode", "explicit",
+             "--log-level", "WARNING"]  # fmt: skip
+    print(f"2. server: forseti serve --model-repository {REPO} ... (127.0.0.1:{port})")
+    server = subprocess.Popen(serve, stderr=subprocess.DEVNULL)
+    code = 1
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if client.is_server_ready():
-                    break
-            except Exception:
-                time.sleep(0.1)
-        rng = np.random.default_rng(0)
-        print("4. decisions:")
-        latencies = []
-        for i in range(200):
-            obs = rng.uniform(-0.2, 0.2, 4)
-            action, version, ms = decide(client, obs)
-            latencies.append(ms)
-            if i < 3:
-                print(
-                    f"   obs={np.round(obs, 3)} -> action {action} (version {version}, {ms:.2f} ms)"
-                )
-        print(f"   200 decisions: p50 {np.percentile(latencies, 50):.2f} ms, "
-              f"p99 {np.percentile(latencies, 99):.2f} ms")  # fmt: skip
-        obs = np.array([0, 0, 0.1, 0.1])
-        before, version_before, _ = decide(client, obs)
-        v2 = publish(keyring, policy_onnx(-1.0))
-        client.load_model(MODEL)
-        action, version, _ = decide(client, obs)
-        print(
-            f"5. hot-swapped to version {v2}: obs {obs} -> action {before} "
-            f"(version {version_before}) before, action {action} (version {version}) after"
+        wait_ready(client, server)
+        spec = demo_spec(f"127.0.0.1:{port}")
+        print(f"3. trainer sidecar: forseti train {spec} (a minute or two on 2 cores)")
+        trained = subprocess.run(
+            [sys.executable, "-m", "forseti", "train", str(spec), "--log-level", "WARNING"],
+            stdin=subprocess.DEVNULL,
         )
-        stats = client.get_inference_statistics(MODEL).model_stats
-        for s in stats:
-            print(f"   statistics: version {s.version}: {s.inference_count} inferences")
-        print(f"6. metrics: http://127.0.0.1:{metrics}/metrics")
+        if trained.returncode != 0:
+            print(f"   training failed (exit {trained.returncode})")
+            return trained.returncode
+        print(f"4. playing {EPISODES} CartPole episodes, every action asked of the server:")
+        returns, latencies, versions = play(client)
+        print(f"   episode returns: {', '.join(f'{r:.0f}' for r in returns)}")
+        print(f"   mean return {np.mean(returns):.1f} (CartPole-v1's maximum is 500)")
+        print(
+            f"   {len(latencies)} decisions from version {', '.join(sorted(versions))}: "
+            f"p50 {np.percentile(latencies, 50):.2f} ms, p99 {np.percentile(latencies, 99):.2f} ms"
+        )
+        print(f"   server metrics: http://127.0.0.1:{metrics}/metrics")
         client.close()
+        code = 0
     finally:
         server.send_signal(signal.SIGTERM)
-        code = server.wait(30)
-    print(f"7. server stopped cleanly (exit {code})")
-    return code
+        server_code = server.wait(30)
+    print(f"5. server stopped (exit {server_code}); demo took {time.monotonic() - started:.0f} s")
+    return code or server_code
 
 
 if __name__ == "__main__":

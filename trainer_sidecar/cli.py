@@ -90,6 +90,8 @@ def _run(spec, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     finally:
         if endpoint is not None:
             endpoint.stop()
+        if run.audit is not None:
+            run.audit.close()
     promoted = ", ".join(f"v{p.version}" for p in result.promotions) or "none"
     print(
         f"run {spec.run_name}: {result.num_timesteps} timesteps, {result.checkpoints} "
@@ -103,4 +105,4 @@ def _open_audit(spec):  # type: ignore[no-untyped-def]
         return None
     from forseti.server.security.audit import AuditLog
 
-    return AuditLog(spec.server.audit_log, source="trainer")
+    return AuditLog.open(spec.server.audit_log, component="trainer")

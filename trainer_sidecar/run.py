@@ -189,7 +189,7 @@ class TrainingRun:
                 "continue it, or set checkpoint.directory to a new folder"
             )
         self._audit(
-            "train.start",
+            "train.run_start",
             run=spec.run_name,
             spec_hash=spec.spec_hash,
             resumed_from=result.resumed_from,
@@ -233,7 +233,7 @@ class TrainingRun:
         assert self.model is not None
         result.num_timesteps = self.model.num_timesteps
         self._audit(
-            "train.stop",
+            "train.run_stop",
             run=self.spec.run_name,
             spec_hash=self.spec.spec_hash,
             timesteps=result.num_timesteps,
@@ -335,7 +335,7 @@ class TrainingRun:
             },
         )
         self._audit(
-            "train.export",
+            "export.done",
             run=self.spec.run_name,
             timesteps=model.num_timesteps,
             format="onnx",
@@ -365,7 +365,7 @@ class TrainingRun:
             onnx_bytes, description, parity = self.export()
         except ParityError as exc:
             log.error("parity check failed; not promoting", extra={"reason": str(exc)})
-            self._audit("train.parity_failed", run=spec.run_name, reason=str(exc)[:500])
+            self._audit("export.parity_failed", run=spec.run_name, reason=str(exc)[:500])
             raise
         decision = evaluate_gate(
             onnx_actor(onnx_bytes),
@@ -383,7 +383,7 @@ class TrainingRun:
             decision.candidate_return, decision.live_return, decision.promoted, decision.reason
         )
         self._audit(
-            "train.gate",
+            "gate.decision",
             run=spec.run_name,
             candidate_return=decision.candidate_return,
             live_return=decision.live_return,
@@ -425,7 +425,7 @@ class TrainingRun:
         result.promotions.append(promotion)
         self.metrics.record_promotion(promotion.version, promotion.publish_to_serving_seconds)
         self._audit(
-            "train.promote",
+            "promotion.done",
             run=spec.run_name,
             model=spec.model.name,
             version=promotion.version,
