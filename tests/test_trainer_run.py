@@ -26,6 +26,7 @@ from forseti.exporters.errors import ParityError
 from forseti.exporters.model_config import policy_config_text
 from forseti.exporters.policy_description import PolicyDescription, describe_policy
 from forseti.server.repository.layout import version_dirs
+from forseti.server.security.audit import AuditLog, verify_file
 from forseti.server.security.keyring import Keyring
 from forseti.server.security.sealed import open_sealed_file
 from forseti.trainer_sidecar import run as run_module
@@ -317,3 +318,27 @@ def test_continuous_sac_pendulum_run_promotes_box_actions(served: Served) -> Non
     assert answered.dtype == np.float32 and answered.shape == (32, 1)
     assert np.max(np.abs(answered - expected)) <= 1e-5
     assert np.all(np.abs(answered) <= 2.0)  # Pendulum's torque bounds, applied in the graph
+
+
+def test_training_operations_leave_a_verifiable_audit_trail(served: Served, tmp_path: Path) -> None:
+    path = tmp_path / "trainer-audit.jsonl"
+    spec = served.spec(model="audited", total=1024, interval=512)
+    with AuditLog.open(path, component="trainer") as audit:
+        TrainingRun(spec, keyring=served.keyring, audit=audit).run()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    events = [r["event"] for r in records]
+    for event in (
+        "train.run_start",
+        "train.checkpoint",
+        "export.done",
+        "gate.decision",
+        "promotion.done",
+        "train.run_stop",
+    ):
+        assert event in events
+    assert events.count("train.checkpoint") == 2
+    start = next(r for r in records if r["event"] == "train.run_start")
+    gate = next(r for r in records if r["event"] == "gate.decision")
+    assert json.dumps(start).count(spec.spec_hash) == 1
+    assert "candidate_return" in json.dumps(gate) and "live_return" in json.dumps(gate)
+    assert verify_file(path).ok
