@@ -66,6 +66,9 @@ class ServerOptions:
     metrics_ssl_key: Path | None = None
 
 
+AUDITED_REFUSALS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload", "RepositoryIndex"})
+
+
 class StartupError(Exception):
     """The server cannot start; the message says what to fix."""
 
@@ -142,9 +145,16 @@ async def serve(options: ServerOptions) -> int:
     except (TlsError, RestrictionError) as exc:
         raise StartupError(str(exc)) from None
 
+    async def audit_refusal(method: str, fields: dict[str, str]) -> None:
+        # Refused control calls are audited; refused inference calls only logged, so a flood
+        # of bad decision calls cannot turn into a flood of fsyncs.
+        if method.rsplit("/", 1)[-1] in AUDITED_REFUSALS:
+            await registry.audit_event("repository.refused", **fields)
+
+    interceptor = RestrictedProtocolInterceptor(restrictions, audit_refusal)
     server = grpc.aio.server(
         # No restriction, no interceptor: the request path stays as it was.
-        interceptors=[RestrictedProtocolInterceptor(restrictions)] if restrictions else None,
+        interceptors=[interceptor] if restrictions else None,
         options=[
             ("grpc.max_receive_message_length", options.max_request_bytes),
             ("grpc.max_send_message_length", -1),

@@ -438,3 +438,39 @@ def test_every_control_call_leaves_a_line_and_inference_leaves_none(
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def test_a_refused_control_call_is_audited_without_its_token(
+    audited_repo: Path, start_server, tmp_path: Path
+) -> None:
+    audit_path = tmp_path / "server-audit.log"
+    token_file = tmp_path / "control.tokens"
+    token_file.write_text("sidecar-secret-token\n")
+    server = start_server(
+        audited_repo,
+        "--model-control-mode",
+        "explicit",
+        "--audit-log",
+        str(audit_path),
+        f"--grpc-restricted-protocol=model-repository:admin=@{token_file}",
+    )
+    client = grpcclient.InferenceServerClient(server.url)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.load_model("policy")
+    with pytest.raises(InferenceServerException, match="not accepted"):
+        client.load_model("policy", headers={"triton-grpc-protocol-admin": "guess"})
+    client.load_model("policy", headers={"triton-grpc-protocol-admin": "sidecar-secret-token"})
+    client.close()
+    server.stop()
+
+    docs = records(audit_path)
+    refused = [d["fields"] for d in docs if d["event"] == "repository.refused"]
+    assert [(d["rpc"], d["reason"]) for d in refused] == [
+        ("RepositoryModelLoad", "missing header"),
+        ("RepositoryModelLoad", "token not accepted"),
+    ]
+    loaded = [d["fields"] for d in docs if d["event"] == "repository.load"]
+    assert loaded and loaded[0]["token_group"]
+    assert "sidecar-secret-token" not in audit_path.read_text()
+    assert "guess" not in audit_path.read_text()
+    assert verify_file(audit_path).ok

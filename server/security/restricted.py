@@ -301,8 +301,15 @@ def _presented(metadata: Sequence[Any] | None, header: str) -> str | None:
     return None
 
 
+RefusalHook = Callable[[str, dict[str, str]], Awaitable[None]]
+
+
 def _refusal(
-    handler: grpc.RpcMethodHandler, method: str, group: ProtocolGroup, missing: bool
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    group: ProtocolGroup,
+    missing: bool,
+    on_refused: RefusalHook | None = None,
 ) -> grpc.RpcMethodHandler:
     """The same kind of handler as `handler`, which refuses the call without running it."""
     if missing:
@@ -323,17 +330,17 @@ def _refusal(
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         request_id = new_request_id()
         caller = caller_identity(context)
-        log.warning(
-            "restricted call refused",
-            extra={
-                "peer": caller.peer,
-                "tls_subject": caller.tls_subject or "",
-                "rpc": method.rsplit("/", 1)[-1],
-                "group": group.label,
-                "reason": reason,
-                "request_id": request_id,
-            },
-        )
+        fields = {
+            "peer": caller.peer,
+            "tls_subject": caller.tls_subject or "",
+            "rpc": method.rsplit("/", 1)[-1],
+            "group": group.label,
+            "reason": reason,
+            "request_id": request_id,
+        }
+        log.warning("restricted call refused", extra=fields)
+        if on_refused is not None:
+            await on_refused(method, fields)
         await context.abort(code, with_request_id(message, request_id))
 
     if handler.unary_unary is not None:
@@ -348,8 +355,12 @@ def _refusal(
 class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
     """Checks the header of every call to a restricted protocol before its handler runs."""
 
-    def __init__(self, restrictions: RestrictedProtocols) -> None:
+    def __init__(
+        self, restrictions: RestrictedProtocols, on_refused: RefusalHook | None = None
+    ) -> None:
         self.by_method = restrictions.by_method
+        # Told of every refusal (the audit log records refused control calls).
+        self.on_refused = on_refused
 
     async def intercept_service(
         self,
@@ -366,7 +377,9 @@ class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _refusal(handler, handler_call_details.method, group, presented is None)
+        return _refusal(
+            handler, handler_call_details.method, group, presented is None, self.on_refused
+        )
 
 
 # ---- who is calling ---------------------------------------------------------------------
