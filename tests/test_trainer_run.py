@@ -31,7 +31,7 @@ from forseti.server.security.keyring import Keyring
 from forseti.server.security.sealed import open_sealed_file
 from forseti.trainer_sidecar import run as run_module
 from forseti.trainer_sidecar.gate import evaluate_gate, onnx_actor
-from forseti.trainer_sidecar.promote import promote
+from forseti.trainer_sidecar.promote import PromotionError, promote
 from forseti.trainer_sidecar.run import RunResult, TrainingRun
 from forseti.trainer_sidecar.spec import TrainingSpec, load_spec
 
@@ -342,3 +342,37 @@ def test_training_operations_leave_a_verifiable_audit_trail(served: Served, tmp_
     assert json.dumps(start).count(spec.spec_hash) == 1
     assert "candidate_return" in json.dumps(gate) and "live_return" in json.dumps(gate)
     assert verify_file(path).ok
+
+
+def test_sidecar_promotes_through_a_restricted_repository_protocol_with_its_token(
+    tmp_path: Path, keyring_path: Path, keyring: Keyring, start_server
+) -> None:
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    tokens = tmp_path / "control.tokens"
+    tokens.write_text("sidecar-token\n")
+    server = start_server(
+        repository,
+        "--model-control-mode",
+        "explicit",
+        f"--grpc-restricted-protocol=model-repository:admin=@{tokens}",
+    )
+    served = Served(server, repository, tmp_path, keyring_path, keyring)
+    header = '\ntoken_header = "triton-grpc-protocol-admin"\n'
+    wrong = tmp_path / "wrong.tokens"
+    wrong.write_text("not-the-token\n")
+    refused = served.spec(model="guarded", total=512, interval=512)
+    source = Path(refused.source)
+    base = source.read_text().replace("[server]\n", f'[server]{header}token_file = "{wrong}"\n')
+    source.write_text(base)
+    with pytest.raises(PromotionError, match="refused to load guarded"):
+        TrainingRun(load_spec(source), keyring=keyring).run()
+
+    spec = served.spec(model="guarded2", total=512, interval=512)
+    Path(spec.source).write_text(
+        Path(spec.source)
+        .read_text()
+        .replace("[server]\n", f'[server]{header}token_file = "{tokens}"\n')
+    )
+    result = TrainingRun(load_spec(spec.source), keyring=keyring).run()
+    assert [p.version for p in result.promotions] == [1]

@@ -82,7 +82,11 @@ def _load(client: grpcclient.InferenceServerClient, model: str, headers: dict | 
     except InferenceServerException as exc:
         # A server in poll mode refuses explicit loads; its poll picks the version up instead.
         if "not allowed" not in (exc.message() or ""):
-            raise
+            raise PromotionError(
+                f"the server refused to load {model}: {exc.message()}; the version is "
+                "published and will be served at the next load (check server.token_header "
+                "and server.token_file if the repository protocol is restricted)"
+            ) from None
         log.info("server polls the repository; waiting for it", extra={"model": model})
 
 
