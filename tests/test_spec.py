@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from forseti.trainer_sidecar.spec import SpecError, load_spec
+from forseti.trainer_sidecar.spec import SpecError, load_spec, spec_from_dict
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cartpole_ppo.toml"
 
@@ -109,3 +110,30 @@ def test_spec_hash_ignores_run_length_but_not_hyperparameters(tmp_path: Path) ->
     other = load_spec(write(tmp_path, MINIMAL.replace("n_steps = 64", "n_steps = 128"))).spec_hash
     assert base == longer
     assert base != other
+
+
+def test_spec_from_dict_rebuilds_the_spec_to_dict_wrote(tmp_path: Path) -> None:
+    text = (
+        MINIMAL.replace("n_envs = 2", "n_envs = 2\nnormalize_observations = true").replace(
+            "total_timesteps = 1024", "total_timesteps = 1024\nnet_arch = [32, 16]"
+        )
+        + '\n[server]\naudit_log = "audit.log"\n'
+    )
+    spec = load_spec(write(tmp_path, text))
+    rebuilt = spec_from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert rebuilt == spec
+    assert rebuilt.algorithm.net_arch == (32, 16)
+    assert rebuilt.model.formats == ("onnx",)
+    assert isinstance(rebuilt.checkpoint.directory, Path)
+    assert rebuilt.server.audit_log == tmp_path / "audit.log"
+    assert rebuilt.server.token_file is None
+    assert rebuilt.spec_hash == spec.spec_hash
+    assert rebuilt.run_name == "cartpole-ppo"
+
+
+def test_spec_from_dict_names_an_unknown_field(tmp_path: Path) -> None:
+    data = load_spec(write(tmp_path, MINIMAL)).to_dict()
+    data["env"]["frame_skip"] = 4
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    assert info.value.field_name == "env.frame_skip"

@@ -7,9 +7,12 @@ address, so a run can be resumed with a larger ``total_timesteps`` or another se
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,22 @@ class ServerSpec:
     metrics_port: int | None = None
     audit_log: Path | None = None
     ready_timeout_s: float = 60.0
+    # TLS / mutual TLS to the server, named as tritonclient names them.
+    ssl: bool = False
+    root_certificates: Path | None = None
+    private_key: Path | None = None
+    certificate_chain: Path | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for tritonclient.grpc.InferenceServerClient."""
+        if not self.ssl:
+            return {}
+        options: dict[str, Any] = {"ssl": True}
+        for name in ("root_certificates", "private_key", "certificate_chain"):
+            value = getattr(self, name)
+            if value is not None:
+                options[name] = str(value)
+        return options
 
 
 @dataclass(frozen=True)
@@ -341,7 +360,17 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
         metrics_port=metrics_port,
         audit_log=s.path("audit_log", base, None),
         ready_timeout_s=float(ready_timeout),
+        ssl=s.get("ssl", bool, False),
+        root_certificates=s.path("root_certificates", base, None),
+        private_key=s.path("private_key", base, None),
+        certificate_chain=s.path("certificate_chain", base, None),
     )
+    if (server.private_key is None) != (server.certificate_chain is None):
+        raise SpecError(
+            source, "server.certificate_chain", "private_key and certificate_chain go together"
+        )
+    if not server.ssl and (server.root_certificates or server.private_key):
+        raise SpecError(source, "server.ssl", "certificates are given but ssl is false")
     if (server.token_header is None) != (server.token_file is None):
         raise SpecError(source, "server.token_file", "token_header and token_file go together")
     s.finish()
@@ -386,3 +415,52 @@ def load_spec(path: str | Path) -> TrainingSpec:
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(source, "file", f"not valid TOML: {exc}") from None
     return parse_spec(data, source=source, base=path.resolve().parent)
+
+
+def _from_plain(value: Any, hint: Any, where: str) -> Any:
+    """``value`` (as ``to_dict`` wrote it) as the type ``hint`` names."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(hint)):
+            return None
+        return _from_plain(value, args[0], where) if len(args) == 1 else value
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _dataclass_from_dict(hint, value, where)
+    if hint is Path:
+        if not isinstance(value, str):
+            raise SpecError("spec dict", where, f"must be a path string, got {value!r}")
+        return Path(value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise SpecError("spec dict", where, f"must be a list, got {type(value).__name__}")
+        return tuple(value)
+    return value
+
+
+def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise SpecError("spec dict", where or "spec", f"must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SpecError("spec dict", f"{where}.{unknown[0]}".lstrip("."), "unknown field")
+    # Fields left out take their defaults; a missing required one fails in cls(...) below.
+    kwargs = {
+        name: _from_plain(value, hints[name], f"{where}.{name}".lstrip("."))
+        for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise SpecError("spec dict", where or "spec", str(exc)) from None
+
+
+def spec_from_dict(data: dict[str, Any]) -> TrainingSpec:
+    """Rebuild the TrainingSpec that ``TrainingSpec.to_dict()`` wrote (e.g. into a checkpoint's
+    state): paths back to Path, tuples back to tuples. No validation beyond structure: the
+    values were validated when the spec was first loaded."""
+    spec = _dataclass_from_dict(TrainingSpec, data, "")
+    assert isinstance(spec, TrainingSpec)
+    return spec
