@@ -35,6 +35,7 @@ from forseti.trainer_sidecar.promote import PromotionError, promote
 from forseti.trainer_sidecar.run import RunResult, TrainingRun
 from forseti.trainer_sidecar.spec import TrainingSpec, load_spec
 
+from .certificates import make_certificates
 from .server_process import ServerProcess
 from .training_specs import PPO_CARTPOLE, SAC_PENDULUM, write_spec
 
@@ -375,4 +376,44 @@ def test_sidecar_promotes_through_a_restricted_repository_protocol_with_its_toke
         .replace("[server]\n", f'[server]{header}token_file = "{tokens}"\n')
     )
     result = TrainingRun(load_spec(spec.source), keyring=keyring).run()
+    assert [p.version for p in result.promotions] == [1]
+
+
+def test_sidecar_promotes_into_a_mutual_tls_server_with_its_client_certificate(
+    tmp_path: Path, keyring_path: Path, keyring: Keyring
+) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    server = ServerProcess(
+        repository,
+        keyring_path,
+        [
+            "--model-control-mode=explicit",
+            "--grpc-use-ssl-mutual=true",
+            "--grpc-server-cert",
+            str(certs.server.cert),
+            "--grpc-server-key",
+            str(certs.server.key),
+            "--grpc-root-cert",
+            str(certs.ca),
+        ],
+        client_options={
+            "ssl": True,
+            "root_certificates": str(certs.ca),
+            "private_key": str(certs.client.key),
+            "certificate_chain": str(certs.client.cert),
+        },
+    ).start()
+    try:
+        served = Served(server, repository, tmp_path, keyring_path, keyring)
+        spec = served.spec(model="tls", total=512, interval=512)
+        tls = (
+            f'[server]\nssl = true\nroot_certificates = "{certs.ca}"\n'
+            f'private_key = "{certs.client.key}"\ncertificate_chain = "{certs.client.cert}"\n'
+        )
+        Path(spec.source).write_text(Path(spec.source).read_text().replace("[server]\n", tls))
+        result = TrainingRun(load_spec(spec.source), keyring=keyring).run()
+    finally:
+        server.stop()
     assert [p.version for p in result.promotions] == [1]

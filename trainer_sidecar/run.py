@@ -149,7 +149,9 @@ class TrainingRun:
     @property
     def client(self) -> grpcclient.InferenceServerClient:
         if self._client is None:
-            self._client = grpcclient.InferenceServerClient(self.spec.server.url)
+            self._client = grpcclient.InferenceServerClient(
+                self.spec.server.url, **self.spec.server.client_options()
+            )
         return self._client
 
     def _audit(self, event: str, **fields: Any) -> None:
