@@ -13,4 +13,8 @@ def create_backend(spec: ModelSpec, model_bytes: bytes) -> Backend:
         from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(spec, model_bytes)
+    if spec.backend == "gguf":
+        from forseti.server.backends.gguf_backend import GGUFPolicyBackend
+
+        return GGUFPolicyBackend(spec, model_bytes)
     raise ModelLoadError(f"backend '{spec.backend}' is not available in this server build")
