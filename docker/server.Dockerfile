@@ -8,6 +8,7 @@ COPY forseti forseti
 COPY server server
 COPY exporters exporters
 COPY trainer_sidecar trainer_sidecar
+COPY loadtests loadtests
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 USER forseti
 EXPOSE 8001 8002

@@ -71,8 +71,9 @@ def _run(spec, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     metrics = SidecarMetrics()
     endpoint = None
     if spec.server.metrics_port is not None:
-        endpoint, port = start_metrics_server(metrics, "127.0.0.1", spec.server.metrics_port)
-        print(f"training metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr)
+        address = spec.server.metrics_address
+        endpoint, port = start_metrics_server(metrics, address, spec.server.metrics_port)
+        print(f"training metrics on http://{address}:{port}/metrics", file=sys.stderr)
     run = TrainingRun(
         spec,
         keyring=keyring,

@@ -90,6 +90,7 @@ class ServerSpec:
     token_header: str | None = None
     token_file: Path | None = None
     metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
     audit_log: Path | None = None
     ready_timeout_s: float = 60.0
     # TLS / mutual TLS to the server, named as tritonclient names them.
@@ -358,6 +359,7 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
         token_header=s.get("token_header", str, None),
         token_file=s.path("token_file", base, None),
         metrics_port=metrics_port,
+        metrics_address=s.get("metrics_address", str, "127.0.0.1"),
         audit_log=s.path("audit_log", base, None),
         ready_timeout_s=float(ready_timeout),
         ssl=s.get("ssl", bool, False),
