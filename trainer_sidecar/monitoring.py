@@ -12,8 +12,9 @@ Three parts feed one `SidecarMetrics`:
 - The orchestrator, through `SidecarMetrics.record_gate` and `SidecarMetrics.record_promotion`.
 
 The monitor survives several ``model.learn(...)`` calls (training in chunks between checkpoints):
-counters, the recent-episode window and the progress bar carry on; time between chunks is not
-counted in the rates.
+counters, the recent-episode window and the progress bar carry on (the bar follows the model's
+``num_timesteps``, so chunks are learned with ``reset_num_timesteps=False``); time between
+chunks is not counted in the rates. Call `TrainingMonitor.close` when a run stops early.
 """
 
 from __future__ import annotations
