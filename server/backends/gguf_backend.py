@@ -165,9 +165,17 @@ def _check_structure(data: bytes) -> None:
         offset = cur.u64(f"tensor '{name}' offset")
         infos.append((name, offset, n // block * type_size))
     data_start = cur.pos + (-cur.pos % alignment)
+    end = data_start
     for name, offset, nbytes in infos:
         if data_start + offset + nbytes > len(data):
             raise _refuse(f"tensor '{name}' data runs past the end of the file (truncated?)")
+        end = max(end, data_start + offset + nbytes)
+    # The file ends after the last tensor, or after its padding: less is a cut, more is junk.
+    padded = end + (-end % alignment)
+    if infos and len(data) not in (end, padded):
+        if len(data) < padded:
+            raise _refuse("file ends inside the padding after the last tensor (truncated?)")
+        raise _refuse(f"{len(data) - padded} unexpected bytes after the tensor data")
 
 
 # ---- reading through gguf.GGUFReader from an in-memory file ----
