@@ -240,10 +240,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
         return (1.0 / (1.0 + np.exp(-x))).astype(np.float32, copy=False)
 
 
+# Each takes the layer's fresh pre-activation array and may overwrite it (in place where
+# numpy can: a batch-1 decision is a few microseconds, and allocations are a good part of it).
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": lambda x: x,
-    "tanh": np.tanh,
-    "relu": lambda x: np.maximum(x, np.float32(0)),
+    "tanh": lambda x: np.tanh(x, out=x),
+    "relu": lambda x: np.maximum(x, np.float32(0), out=x),
     "elu": lambda x: np.where(x > 0, x, np.float32(fmt.ELU_ALPHA) * np.expm1(np.minimum(x, 0))),
     "leaky_relu": lambda x: np.where(x >= 0, x, np.float32(fmt.LEAKY_RELU_SLOPE) * x),
     "sigmoid": _sigmoid,
@@ -262,7 +264,9 @@ class Dense:
     activation: str
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return _ACTIVATIONS[self.activation](x @ self.weight_t + self.bias)
+        y = x @ self.weight_t
+        y += self.bias
+        return _ACTIVATIONS[self.activation](y)
 
 
 @dataclass(frozen=True)
