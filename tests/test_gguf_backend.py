@@ -3,6 +3,7 @@ GGUF policies served by a real server answering like the ONNX export of the same
 
 from __future__ import annotations
 
+import io
 import struct
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from forseti.server.backends import gguf_policy_format as fmt
 from forseti.server.backends.gguf_backend import GGUFPolicyBackend
 from forseti.server.errors import ModelLoadError
 from forseti.server.repository.config import ModelSpec, model_spec, parse_config_text
+from forseti.server.repository.publish import publish_version
 from forseti.server.security.keyring import Keyring
+from forseti.server.security.sealed import seal_stream
 from tests.model_builders import publish_sealed, write_config
 from tests.server_process import ServerProcess
 
@@ -415,6 +418,41 @@ def test_served_reduced_precision_continuous_error_is_small(
     err = float(np.abs(gguf_out["action"] - onnx_out["action"]).max())
     print(f"pendulum {weight_type}: action max abs error {err:.2e} over {len(obs)} observations")
     assert err < bound
+
+
+def test_policy_sealed_in_chunked_format_2_is_served(
+    good: bytes, cartpole: PolicyDescription, repository: Path, keyring: Keyring, start_server
+) -> None:
+    write_config(
+        repository,
+        "chunked",
+        policy_config_text("chunked", cartpole, max_batch_size=64, parameters={}, backend="gguf"),
+    )
+
+    def files(version: int) -> dict[str, bytes]:
+        out = io.BytesIO()
+        seal_stream(
+            io.BytesIO(good),
+            out,
+            keyring,
+            model="chunked",
+            version=version,
+            filename=GGUF,
+            chunk_size=4096,
+        )
+        return {GGUF + ".sealed": out.getvalue()}
+
+    publish_version(repository / "chunked", files, version=1)
+    server = start_server(repository, "--model-control-mode", "explicit", "--load-model", "chunked")
+    client = grpcclient.InferenceServerClient(server.url)
+    obs = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    try:
+        served = _ask(client, "chunked", obs, ["logits"])["logits"]
+    finally:
+        client.close()
+
+    local = GGUFPolicyBackend(spec_for(cartpole, "chunked"), good).run({"obs": obs}, ["logits"])[0]
+    np.testing.assert_array_equal(served, local)
 
 
 # ---- a malformed new version never replaces the live one --------------------------------------
