@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main_train",
         "train a policy, checkpoint it, and promote it into the live server if it is better",
     ),
+    "export": (
+        "forseti.exporters.cli",
+        "main_export",
+        "export a checkpoint as an ONNX/safetensors/GGUF policy, or a safetensors file as GGUF",
+    ),
     "loadtest": (
         "forseti.loadtests.runner",
         "main",
