@@ -244,6 +244,18 @@ def test_progress_lines_are_logged_when_stderr_is_not_a_terminal(
     assert "loss_value" in vars(last)
 
 
+def test_progress_lines_follow_the_interval_not_each_learn_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="forseti.trainer_sidecar.monitoring")
+    model = ppo_cartpole()
+    monitor = TrainingMonitor(SidecarMetrics(), 2 * CHUNK, log_every_s=3600.0, progress=False)
+    for _ in range(4):  # the orchestrator learns in short chunks
+        model.learn(CHUNK // 2, callback=monitor, reset_num_timesteps=False)
+    lines = [r for r in caplog.records if r.getMessage() == "training progress"]
+    assert [r.timesteps for r in lines] == [2 * CHUNK]  # only the run's end
+
+
 def test_gate_decisions_are_counted_and_the_last_one_served(
     metrics_server: tuple[SidecarMetrics, int],
 ) -> None:

@@ -530,8 +530,8 @@ class TrainingMonitor(BaseCallback):
     ``total_timesteps`` is the run's target (the bar's end), not one ``learn()`` call's.
     ``progress``: a tqdm bar (timesteps, episodes/s, mean return); None shows it when stderr is
     a terminal. Without a bar a ``training progress`` line is logged at INFO every
-    ``log_every_s``; with one, at DEBUG. Figures are pushed at most every ``flush_every_s``
-    and at the end of every ``learn()`` call.
+    ``log_every_s`` and when the run reaches ``total_timesteps``; with one, at DEBUG. Figures
+    are pushed at most every ``flush_every_s`` and at the end of every ``learn()`` call.
 
     Statistics SB3 does not log, and where they come from:
 
@@ -670,7 +670,9 @@ class TrainingMonitor(BaseCallback):
             self._update_bar(snapshot, model_steps)
             if final and model_steps >= self.total_timesteps:
                 self.close()
-        if final or now >= self._next_log:
+        # learn() calls can be one rollout long: a chunk's end alone is no reason to log,
+        # the end of the run is.
+        if now >= self._next_log or (final and model_steps >= self.total_timesteps):
             self._next_log = now + self.log_every_s
             level = logging.DEBUG if self.show_progress else logging.INFO
             log.log(level, "training progress", extra=snapshot.log_fields())
