@@ -40,10 +40,11 @@ CHECKPOINT_MARKER = "state.json" + SEALED_SUFFIX
 PLAINTEXT_MODE = 0o600
 SEALED_MODE = 0o644
 SEAL_HINT = (
-    "a seal that does not open means a wrong --run-name (the training spec's run name, "
-    "<model.name>-<algorithm>, e.g. cartpole-ppo), a keyring without the key that sealed the "
-    "checkpoint, or an altered file; the seal cannot tell which: check --run-name and --keyring"
+    "a seal that does not authenticate means a wrong --run-name (the training spec's run name, "
+    "<model.name>-<algorithm>, e.g. cartpole-ppo), a keyring whose key of that id differs, or an "
+    "altered file; the seal cannot tell which: check --run-name and --keyring"
 )
+KEY_HINT = "the keyring lacks the key that sealed the checkpoint: check --keyring"
 
 DESCRIPTION = """\
 Export a trained policy, or convert a safetensors checkpoint to GGUF.
@@ -323,17 +324,27 @@ def _open_checkpoint(args: argparse.Namespace, kind: str, keyring: Keyring) -> L
         run_dir = args.source.parent if args.source.name == CHECKPOINTS_DIR else args.source
         loaded = latest_valid_checkpoint(run_dir, keyring, run_name=args.run_name)
     except CheckpointError as exc:
-        hint = f"; {SEAL_HINT}" if _seal_did_not_open(str(exc)) else ""
-        raise _ExportFailed(f"{exc}{hint}") from None
+        raise _ExportFailed(f"{exc}{_hint(str(exc))}") from None
     if loaded is None:
         raise _ExportFailed(f"{run_dir} has no checkpoint yet")
     return loaded
 
 
-def _seal_did_not_open(message: str) -> bool:
+def _hint(message: str) -> str:
+    """What to check when the checkpoint's seals do not open."""
     from forseti.server.security.sealed import AUTH_FAILED
 
-    return AUTH_FAILED in message or "unknown key id" in message
+    if f"{CHECKPOINT_MARKER}: {AUTH_FAILED}" in message:
+        return f"; {SEAL_HINT}"
+    if "unknown key id" in message:
+        return f"; {KEY_HINT}"
+    if AUTH_FAILED in message:
+        # state.json opened, so run name and key are right: that other file is damaged.
+        return (
+            "; the checkpoint's state opened, so --run-name and --keyring are right: the "
+            "file named was altered, truncated or replaced; export another checkpoint"
+        )
+    return ""
 
 
 def _export_checkpoint(args: argparse.Namespace, kind: str) -> int:

@@ -23,7 +23,12 @@ from forseti.exporters.policy_description import evaluate
 from forseti.exporters.safetensors_export import description_from_safetensors
 from forseti.server.repository.config import model_spec, parse_config_text
 from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import SEALED_SUFFIX, SealError, open_sealed
+from forseti.server.security.sealed import (
+    SEALED_SUFFIX,
+    SealError,
+    open_sealed,
+    open_sealed_stream,
+)
 from forseti.trainer_sidecar import checkpoint as trainer_checkpoint
 from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
 from forseti.trainer_sidecar.checkpoint import save_checkpoint
@@ -274,6 +279,7 @@ def test_tampered_checkpoint_fails_and_writes_nothing(exports: dict[str, Exporte
     result, out = exports["tampered"].result, exports["tampered"].output
     assert result.returncode == 1
     assert "policy.safetensors.sealed" in result.stderr
+    assert "--run-name and --keyring are right" in result.stderr
     assert not out.exists()
     assert not any(p.name.endswith(".tmp") for p in out.parent.iterdir())
 
@@ -298,6 +304,41 @@ def test_safetensors_file_converts_to_gguf_with_every_tensor_read_back(tmp_path:
         got = dequantize(np.asarray(t.data), t.tensor_type).reshape(expected.shape)
         # F16 output: exact for F16 sources and for 1-D tensors (kept F32), else F16 rounding.
         np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_sealed_gguf_conversion_opens_for_its_model_and_version(
+    tmp_path: Path, keyring: Keyring, keyring_path: Path
+) -> None:
+    weights = np.random.default_rng(5).standard_normal((32, 64)).astype(np.float32)
+    source = tmp_path / "weights.safetensors"
+    st_numpy.save_file({"w": weights}, str(source))
+    plain = tmp_path / "plain.gguf"
+    assert export(source, "--format", "gguf", "-o", plain).returncode == 0
+    result = export(source, "--format", "gguf", "--seal", "--keyring", keyring_path,
+                    "--model", "llm", "--version", "2", "-o", tmp_path / "model.gguf")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "model.gguf").exists()
+    with (tmp_path / ("model.gguf" + SEALED_SUFFIX)).open("rb") as fh:
+        opened = b"".join(
+            open_sealed_stream(fh, keyring, model="llm", version=2, filename="model.gguf")
+        )
+    assert opened == plain.read_bytes()
+
+
+def test_converting_a_safetensors_file_never_imports_torch(tmp_path: Path) -> None:
+    source = tmp_path / "weights.safetensors"
+    st_numpy.save_file({"w": np.ones((32, 32), np.float32)}, str(source))
+    code = (
+        "import sys; from forseti.exporters.cli import main_export;"
+        f"rc = main_export([{str(source)!r}, '--format', 'gguf', '-o', "
+        f"{str(tmp_path / 'w.gguf')!r}, '--no-progress']);"
+        "bad = [m for m in ('torch', 'stable_baselines3', 'gymnasium') if m in sys.modules];"
+        "print(bad); sys.exit(rc or (3 if bad else 0))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_safetensors_file_to_onnx_is_a_usage_error(tmp_path: Path) -> None:
