@@ -417,3 +417,23 @@ def test_sidecar_promotes_into_a_mutual_tls_server_with_its_client_certificate(
     finally:
         server.stop()
     assert [p.version for p in result.promotions] == [1]
+
+
+def test_sidecar_keeps_training_after_a_failed_mid_run_promotion(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_export = onnx_export.export_onnx
+    exports: list[int] = []
+
+    def first_export_corrupted(desc: PolicyDescription) -> bytes:
+        exports.append(1)
+        if len(exports) == 1:
+            desc.actor[-1].weight[...] = -desc.actor[-1].weight
+        return real_export(desc)
+
+    monkeypatch.setattr(run_module, "export_onnx", first_export_corrupted)
+    spec = served.spec(model="carry-on", total=1024, interval=512)
+    result = TrainingRun(spec, keyring=served.keyring, continuous=True).run()
+    assert result.failed_promotions == 1
+    assert result.num_timesteps == 1024
+    assert [p.version for p in result.promotions] == [1]

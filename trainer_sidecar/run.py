@@ -20,8 +20,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
+from tritonclient.utils import InferenceServerException
 
-from forseti.exporters.errors import ParityError
+from forseti.exporters.errors import ExportError, ParityError
 from forseti.exporters.model_config import policy_config_text
 from forseti.exporters.onnx_export import export_onnx
 from forseti.exporters.parity import check_parity
@@ -31,9 +32,9 @@ from forseti.server.security.keyring import Keyring
 
 from . import checkpoint as checkpoints
 from .algorithms import build_model, make_env, vec_normalize_of
-from .gate import GateDecision, evaluate_gate, onnx_actor
+from .gate import GateDecision, GateError, evaluate_gate, onnx_actor
 from .monitoring import SidecarMetrics, TrainingMonitor, attach_logger
-from .promote import Promotion, promote
+from .promote import Promotion, PromotionError, promote
 from .spec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class RunResult:
     decisions: list[GateDecision] = field(default_factory=list)
     promotions: list[Promotion] = field(default_factory=list)
     stopped: bool = False
+    failed_promotions: int = 0
     resumed_from: int | None = None
 
 
@@ -267,13 +269,33 @@ class TrainingRun:
             if now % spec.checkpoint.interval_timesteps == 0 or now >= total:
                 self._checkpoint(result)
             if promote_every and now % promote_every == 0 and now < total:
-                self._export_gate_promote(result)
+                self._promote_and_carry_on(result)
         if model.num_timesteps != total:
             log.warning(
                 "run ended off its total",
                 extra={"timesteps": model.num_timesteps, "total": total},
             )
         self._export_gate_promote(result)
+
+    def _promote_and_carry_on(self, result: RunResult) -> None:
+        """A sidecar's mid-run promotion: a failed one (server away, parity, refused load) is
+        logged and audited, the live version keeps serving, and training goes on; the next
+        interval tries again."""
+        try:
+            self._export_gate_promote(result)
+        except (ExportError, GateError, PromotionError, InferenceServerException) as exc:
+            result.failed_promotions += 1
+            reason = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+            log.error(
+                "promotion failed; training continues",
+                extra={"error": type(exc).__name__, "reason": reason},
+            )
+            self._audit(
+                "promotion.failed",
+                run=self.spec.run_name,
+                error=type(exc).__name__,
+                reason=(reason or "")[:500],
+            )
 
     # -- checkpoint, export, gate, promote --------------------------------------------------
 
