@@ -402,6 +402,7 @@ def _export_policy(
     from forseti.trainer_sidecar.checkpoint import CheckpointError, restore_checkpoint
 
     from .errors import ExportError
+    from .gguf_check import checked_gguf
     from .onnx_export import export_onnx
     from .parity import check_parity
     from .policy_description import describe_policy, obs_normalization_from
@@ -441,7 +442,7 @@ def _export_policy(
             artifact = _safetensors_artifact(description, obs)
             return _PolicyExport(artifact, description, check + "; read back: identical")
         gguf_type = args.gguf_type or spec.model.gguf_type
-        artifact, agreement = _gguf_artifact(description, obs, gguf_type)
+        artifact, agreement = checked_gguf(description, obs, gguf_type)
         return _PolicyExport(artifact, description, f"{check}; gguf {gguf_type}: {agreement}")
     except (CheckpointError, ExportError) as exc:  # ParityError is an ExportError
         raise _ExportFailed(f"checkpoint {loaded.info.path}: {exc}") from None
@@ -468,41 +469,6 @@ def _safetensors_artifact(description: PolicyDescription, obs: np.ndarray) -> by
         if not np.array_equal(got[name], value):
             raise ExportError(f"the safetensors file read back computes another '{name}'")
     return artifact
-
-
-def _gguf_artifact(
-    description: PolicyDescription, obs: np.ndarray, gguf_type: str
-) -> tuple[bytes, str]:
-    """The GGUF bytes, opened by the server's own gguf reader and compared with the policy.
-
-    F32 must reproduce the actions (discrete: identical; Box: within the parity tolerance);
-    F16 and Q8_0 round the weights, so their agreement is reported, not enforced."""
-    from forseti.server.backends.gguf_backend import load_policy
-    from forseti.server.errors import ModelLoadError
-
-    from .errors import ExportError
-    from .gguf_policy import export_gguf
-    from .parity import ACTION_ATOL
-    from .policy_description import ACTION, DISCRETE, evaluate
-
-    artifact = export_gguf(description, weight_type=gguf_type)
-    try:
-        network = load_policy(artifact)
-    except ModelLoadError as exc:
-        raise ExportError(f"the server's gguf backend refuses the GGUF written: {exc}") from None
-    got = network.forward(obs, [ACTION])[0]
-    expected = evaluate(description, obs)[ACTION]
-    if description.action_space == DISCRETE:
-        same = int((got.reshape(-1) == expected.reshape(-1)).sum())
-        agreement = f"{same} of {len(obs)} actions equal the policy's"
-        ok = same == len(obs)
-    else:
-        error = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
-        agreement = f"action max abs error {error:.3g}"
-        ok = error <= ACTION_ATOL
-    if gguf_type == "F32" and not ok:
-        raise ExportError(f"the F32 GGUF does not reproduce the policy: {agreement}")
-    return artifact, agreement
 
 
 def _write_config(

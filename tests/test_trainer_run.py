@@ -437,3 +437,24 @@ def test_sidecar_keeps_training_after_a_failed_mid_run_promotion(
     assert result.failed_promotions == 1
     assert result.num_timesteps == 1024
     assert [p.version for p in result.promotions] == [1]
+
+
+def test_gguf_first_run_publishes_gguf_and_onnx_that_answer_alike(served: Served) -> None:
+    spec = served.spec(model="both", total=512, interval=512)
+    Path(spec.source).write_text(
+        Path(spec.source)
+        .read_text()
+        .replace("max_batch_size = 64\n", 'max_batch_size = 64\nformats = ["gguf", "onnx"]\n')
+    )
+    result = TrainingRun(load_spec(spec.source), keyring=served.keyring).run()
+    assert [(p.model, p.version) for p in result.promotions] == [("both", 1), ("both_onnx", 1)]
+    assert 'backend: "gguf"' in (served.repository / "both" / "config.pbtxt").read_text()
+    assert (served.repository / "both" / "1" / "model.gguf.sealed").is_file()
+    obs = np.random.default_rng(1).uniform(-2, 2, (64, 4)).astype(np.float32)
+    client = served.server.client()
+    try:
+        from_gguf = infer(client, "both", obs).as_numpy("action")
+        from_onnx = infer(client, "both_onnx", obs).as_numpy("action")
+    finally:
+        client.close()
+    assert np.array_equal(from_gguf, from_onnx)

@@ -79,6 +79,18 @@ def onnx_actor(onnx_bytes: bytes) -> Actor:
     return act
 
 
+def gguf_actor(gguf_bytes: bytes) -> Actor:
+    """Act with the server's own numpy GGUF policy runner (the gguf backend's reader)."""
+    from forseti.server.backends.gguf_backend import load_policy
+
+    network = load_policy(gguf_bytes)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        return network.forward(obs, ["action"])[0][0]
+
+    return act
+
+
 def server_actor(
     client: grpcclient.InferenceServerClient,
     model: str,

@@ -22,17 +22,22 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 from tritonclient.utils import InferenceServerException
 
-from forseti.exporters.errors import ExportError, ParityError
+from forseti.exporters.errors import ExportError
+from forseti.exporters.gguf_check import checked_gguf
 from forseti.exporters.model_config import policy_config_text
 from forseti.exporters.onnx_export import export_onnx
-from forseti.exporters.parity import check_parity
-from forseti.exporters.policy_description import describe_policy, obs_normalization_from
+from forseti.exporters.parity import check_parity, sample_observations
+from forseti.exporters.policy_description import (
+    PolicyDescription,
+    describe_policy,
+    obs_normalization_from,
+)
 from forseti.server.repository.layout import version_dirs
 from forseti.server.security.keyring import Keyring
 
 from . import checkpoint as checkpoints
 from .algorithms import build_model, make_env, vec_normalize_of
-from .gate import GateDecision, GateError, evaluate_gate, onnx_actor
+from .gate import GateDecision, GateError, evaluate_gate, gguf_actor, onnx_actor
 from .monitoring import SidecarMetrics, TrainingMonitor, attach_logger
 from .promote import Promotion, PromotionError, promote
 from .spec import TrainingSpec
@@ -41,6 +46,19 @@ log = logging.getLogger(__name__)
 
 # Off-policy chunks: how many vector steps between stop checks (on-policy: one rollout).
 OFF_POLICY_CHUNK_STEPS = 256
+
+
+# format -> (config backend, artifact file name in the version folder)
+ARTIFACTS = {"onnx": ("onnxruntime", "model.onnx"), "gguf": ("gguf", "model.gguf")}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A checked export: the policy, its artifacts by format, and what the checks found."""
+
+    description: PolicyDescription
+    artifacts: dict[str, bytes]
+    checks: dict[str, Any]
 
 
 class TrainingError(Exception):
@@ -331,9 +349,10 @@ class TrainingRun:
             timesteps=info.num_timesteps,
         )
 
-    def export(self) -> tuple[bytes, Any, dict[str, Any]]:
-        """ONNX bytes, the policy description and the parity report, or ParityError."""
-        model, env = self.model, self.env
+    def export(self) -> Candidate:
+        """Every artifact the spec asks for, checked: ONNX against SB3 (the parity check),
+        GGUF against the same policy through the server's own reader. Raises ExportError."""
+        spec, model, env = self.spec, self.model, self.env
         assert model is not None and env is not None
         normalizer = vec_normalize_of(env)
         start = time.perf_counter()
@@ -343,37 +362,58 @@ class TrainingRun:
             onnx_bytes,
             model,
             normalizer,
-            env_id=self.spec.env.id,
-            env_kwargs=dict(self.spec.env.kwargs),
-            n=self.spec.evaluation.parity_observations,
-            seed=self.spec.algorithm.seed,
+            env_id=spec.env.id,
+            env_kwargs=dict(spec.env.kwargs),
+            n=spec.evaluation.parity_observations,
+            seed=spec.algorithm.seed,
         )
+        checks: dict[str, Any] = {"parity": {"n": report.n, "max_abs_error": report.max_abs_error}}
+        artifacts = {"onnx": onnx_bytes}
+        if "gguf" in spec.model.formats:
+            obs = sample_observations(
+                model.observation_space,
+                spec.evaluation.parity_observations,
+                np.random.default_rng(spec.algorithm.seed),
+            )
+            artifacts["gguf"], agreement = checked_gguf(description, obs, spec.model.gguf_type)
+            checks["gguf"] = {"type": spec.model.gguf_type, "agreement": agreement}
         seconds = time.perf_counter() - start
         log.info(
             "exported",
             extra={
-                "bytes": len(onnx_bytes),
+                "formats": ",".join(artifacts),
                 "parity_n": report.n,
                 "max_abs_error": report.max_abs_error,
                 "ms": round(seconds * 1000, 1),
             },
         )
-        self._audit(
-            "export.done",
-            run=self.spec.run_name,
-            timesteps=model.num_timesteps,
-            format="onnx",
-            bytes=len(onnx_bytes),
-            parity_max_abs_error=float(report.max_abs_error),
-        )
-        return onnx_bytes, description, {"n": report.n, "max_abs_error": report.max_abs_error}
+        for fmt, data in artifacts.items():
+            self._audit(
+                "export.done",
+                run=spec.run_name,
+                timesteps=model.num_timesteps,
+                format=fmt,
+                bytes=len(data),
+                parity_max_abs_error=float(report.max_abs_error),
+            )
+        return Candidate(description, artifacts, checks)
 
-    def _config_text(self, description: Any) -> str:
+    def served_models(self) -> list[tuple[str, str]]:
+        """(model name, format) pairs: the first format is the model the gate judges and
+        clients call; each further format is published alongside as ``<name>_<format>``."""
+        name = self.spec.model.name
+        return [
+            (name if i == 0 else f"{name}_{fmt}", fmt)
+            for i, fmt in enumerate(self.spec.model.formats)
+        ]
+
+    def _config_text(self, model_name: str, fmt: str, description: Any) -> str:
         spec = self.spec
         return policy_config_text(
-            spec.model.name,
+            model_name,
             description,
             max_batch_size=spec.model.max_batch_size,
+            backend=ARTIFACTS[fmt][0],
             parameters={
                 "env_id": spec.env.id,
                 "algorithm": spec.algorithm.name,
@@ -386,15 +426,18 @@ class TrainingRun:
         spec, model = self.spec, self.model
         assert model is not None
         try:
-            onnx_bytes, description, parity = self.export()
-        except ParityError as exc:
-            log.error("parity check failed; not promoting", extra={"reason": str(exc)})
-            self._audit("export.parity_failed", run=spec.run_name, reason=str(exc)[:500])
+            candidate = self.export()
+        except ExportError as exc:
+            log.error("export check failed; not promoting", extra={"reason": str(exc)})
+            self._audit("export.failed", run=spec.run_name, reason=str(exc)[:500])
             raise
+        served = self.served_models()
+        primary_name, primary_format = served[0]
+        primary = candidate.artifacts[primary_format]
         decision = evaluate_gate(
-            onnx_actor(onnx_bytes),
+            onnx_actor(primary) if primary_format == "onnx" else gguf_actor(primary),
             self.client,
-            model=spec.model.name,
+            model=primary_name,
             env_id=spec.env.id,
             episodes=spec.evaluation.episodes,
             seed=spec.evaluation.seed,
@@ -423,7 +466,7 @@ class TrainingRun:
             "env_id": spec.env.id,
             "algorithm": spec.algorithm.name,
             "timesteps": model.num_timesteps,
-            "parity": parity,
+            **candidate.checks,
             "gate": {
                 "candidate_return": decision.candidate_return,
                 "live_return": decision.live_return,
@@ -433,25 +476,29 @@ class TrainingRun:
                 "seed": spec.evaluation.seed,
             },
         }
+        description = candidate.description
         probe = np.zeros((1, description.obs_dim), dtype=np.float32)
-        promotion = promote(
-            self.client,
-            repository=spec.model.repository,
-            model=spec.model.name,
-            config_text=self._config_text(description),
-            artifacts={"model.onnx": onnx_bytes},
-            manifest=manifest,
-            keyring=self.keyring,
-            probe=probe,
-            timeout_s=spec.server.ready_timeout_s,
-            headers=self.headers,
-        )
-        result.promotions.append(promotion)
-        self.metrics.record_promotion(promotion.version, promotion.publish_to_serving_seconds)
-        self._audit(
-            "promotion.done",
-            run=spec.run_name,
-            model=spec.model.name,
-            version=promotion.version,
-            publish_to_serving_s=promotion.publish_to_serving_seconds,
-        )
+        for model_name, fmt in served:
+            filename = ARTIFACTS[fmt][1]
+            promotion = promote(
+                self.client,
+                repository=spec.model.repository,
+                model=model_name,
+                config_text=self._config_text(model_name, fmt, description),
+                artifacts={filename: candidate.artifacts[fmt]},
+                manifest={**manifest, "format": fmt},
+                keyring=self.keyring,
+                probe=probe,
+                timeout_s=spec.server.ready_timeout_s,
+                headers=self.headers,
+            )
+            result.promotions.append(promotion)
+            self.metrics.record_promotion(promotion.version, promotion.publish_to_serving_seconds)
+            self._audit(
+                "promotion.done",
+                run=spec.run_name,
+                model=model_name,
+                format=fmt,
+                version=promotion.version,
+                publish_to_serving_s=promotion.publish_to_serving_seconds,
+            )
