@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from forseti.server.durable import atomic_output
 from forseti.server.logs import configure_logging
-from forseti.server.security.sealed import SEALED_SUFFIX, atomic_output
+from forseti.server.security.sealed import SEALED_SUFFIX
 
 if TYPE_CHECKING:
     from forseti.exporters.policy_description import PolicyDescription

@@ -16,8 +16,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from forseti.server.durable import atomic_write
 from forseti.server.repository.publish import publish_version
-from forseti.server.security.keyring import Keyring, atomic_write
+from forseti.server.security.keyring import Keyring
 from forseti.server.security.sealed import SEALED_SUFFIX, seal_bytes
 
 log = logging.getLogger(__name__)

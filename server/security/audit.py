@@ -47,6 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
+from ..durable import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 AUDIT_FORMAT = "forseti-audit/1"
@@ -230,7 +232,7 @@ class AuditLog:
     def _continue(cls, path: Path, fd: int) -> AuditLog:
         size = os.fstat(fd).st_size
         if size == 0:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return cls(path, fd, 1, GENESIS)
         last, torn = _read_tail(fd, size)
         seq, prev = 1, GENESIS
@@ -321,20 +323,6 @@ class AuditLog:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a new file's directory entry; not every filesystem allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- verification -----------------------------------------------------------------------

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..durable import atomic_write
+
 logger = logging.getLogger(__name__)
 
 KEYRING_FORMAT = "forseti-keyring/1"
@@ -191,44 +193,6 @@ class Keyring:
     def save(self, path: str | Path) -> None:
         """Write atomically; the file is owner-only (0600) from its first byte."""
         atomic_write(Path(path), self.to_json().encode("utf-8"), mode=0o600)
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same dir, fsync and os.replace.
-
-    A reader sees the old file or the whole new one, never a partial write. The temp file is
-    created with ``mode`` by os.open itself, so it is never wider than that, not even briefly.
-    """
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # The umask may have narrowed ``mode``; set it exactly (never wider than asked).
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename; some filesystems refuse to fsync a directory, which is not fatal."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class FileKeyring(Keyring):

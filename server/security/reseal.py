@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ..durable import fsync_dir
 from .key_rotation import read_header_key
-from .keyring import Keyring, _fsync_dir
+from .keyring import Keyring
 from .sealed import (
     FORMAT_V1,
     SEALED_SUFFIX,
@@ -132,7 +133,7 @@ def reseal_file(path: Path, keyring: Keyring, *, model: str, version: int) -> Re
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return ResealedFile(model, version, path, from_key, to_key, old_sha256, new_sha256)
 
 

@@ -23,7 +23,6 @@ not sealed as final), appending, reordering or swapping chunks between files all
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -37,7 +36,8 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .keyring import Keyring, KeyringError, _fsync_dir, atomic_write
+from ..durable import atomic_output, atomic_write
+from .keyring import Keyring, KeyringError
 
 logger = logging.getLogger(__name__)
 
@@ -532,27 +532,3 @@ def open_sealed_stream(
             return
         yield opener.open_chunk(current, final=False)
         current = following
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
-    """Stream into ``path`` through a hidden temp file; fsync and rename on success only.
-
-    A reader sees the old file or the whole new one; on an exception the temp file is removed.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # The umask may have narrowed ``mode``; set it exactly (never wider than asked).
-            os.fchmod(fh.fileno(), mode)
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
