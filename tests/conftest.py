@@ -65,3 +65,21 @@ def start_server(keyring_path: Path) -> Iterator:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def own_keyring(tmp_path: Path) -> Path:
+    """A keyring file of this test's own, for tests that change it (rotation, retirement)."""
+    path = tmp_path / "keys" / "keyring.json"
+    path.parent.mkdir()
+    Keyring.generate().save(path)
+    return path
+
+
+@pytest.fixture
+def own_repo(tmp_path: Path, own_keyring: Path) -> Path:
+    """The standard test repository, sealed with ``own_keyring``."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    build_repository(repo, Keyring.load(own_keyring))
+    return repo

@@ -133,3 +133,10 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def run_forseti(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the `forseti` command in a subprocess and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "forseti", *args], capture_output=True, text=True, timeout=timeout
+    )

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,32 +26,8 @@ from forseti.server.security.keyring import (
 )
 from forseti.server.security.sealed import open_sealed, seal_bytes
 from tests.model_builders import build_repository, policy_onnx
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, run_forseti
 from tests.test_swap import infer_policy
-
-
-def forseti(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "forseti", *args], capture_output=True, text=True, timeout=60
-    )
-
-
-@pytest.fixture
-def own_keyring(tmp_path: Path) -> Path:
-    """A keyring file of this test's own (rotation changes it)."""
-    path = tmp_path / "keys" / "keyring.json"
-    path.parent.mkdir()
-    Keyring.generate().save(path)
-    return path
-
-
-@pytest.fixture
-def own_repo(tmp_path: Path, own_keyring: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    build_repository(repo, Keyring.load(own_keyring))
-    return repo
-
 
 # ---- where the keyring comes from ---------------------------------------------------------
 
@@ -230,9 +204,9 @@ def test_keys_retire_command_exits_1_naming_count_and_repository(
     own_repo: Path, own_keyring: Path
 ) -> None:
     old = Keyring.load(own_keyring).newest.key_id
-    assert forseti("keys", "rotate", str(own_keyring)).returncode == 0
+    assert run_forseti("keys", "rotate", str(own_keyring)).returncode == 0
 
-    result = forseti("keys", "retire", str(own_keyring), old, "--repository", str(own_repo))
+    result = run_forseti("keys", "retire", str(own_keyring), old, "--repository", str(own_repo))
 
     assert result.returncode == 1
     assert f"needed by 3 sealed file(s) (3 in {own_repo})" in result.stderr
@@ -242,7 +216,7 @@ def test_keys_retire_command_exits_1_naming_count_and_repository(
 def test_keys_list_shows_ids_and_usage_but_no_secret(own_repo: Path, own_keyring: Path) -> None:
     old = Keyring.load(own_keyring).newest.key_id
     rotate_keyring(own_keyring)
-    result = forseti("keys", "list", str(own_keyring), "--repository", str(own_repo))
+    result = run_forseti("keys", "list", str(own_keyring), "--repository", str(own_repo))
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert lines[0].startswith(old) and "3 sealed file(s)" in lines[0]
@@ -254,9 +228,11 @@ def test_keys_list_shows_ids_and_usage_but_no_secret(own_repo: Path, own_keyring
 def test_rotate_and_retire_are_audited(own_repo: Path, own_keyring: Path, tmp_path: Path) -> None:
     audit = tmp_path / "audit.log"
     old = Keyring.load(own_keyring).newest.key_id
-    assert forseti("keys", "rotate", str(own_keyring), "--audit-log", str(audit)).returncode == 0
-    assert forseti("reseal", "--keyring", str(own_keyring), str(own_repo)).returncode == 0
-    result = forseti(
+    assert (
+        run_forseti("keys", "rotate", str(own_keyring), "--audit-log", str(audit)).returncode == 0
+    )
+    assert run_forseti("reseal", "--keyring", str(own_keyring), str(own_repo)).returncode == 0
+    result = run_forseti(
         "keys",
         "retire",
         str(own_keyring),
@@ -273,4 +249,4 @@ def test_rotate_and_retire_are_audited(own_repo: Path, own_keyring: Path, tmp_pa
         "keys.retire",
     ]
     assert events[-1]["fields"]["key_id"] == old
-    assert forseti("audit", "verify", str(audit)).returncode == 0
+    assert run_forseti("audit", "verify", str(audit)).returncode == 0

@@ -7,8 +7,6 @@ import fcntl
 import io
 import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -29,30 +27,9 @@ from forseti.server.security.sealed import (
     parse_header,
     seal_stream,
 )
-from tests.model_builders import build_repository, policy_onnx, publish_sealed
+from tests.model_builders import policy_onnx, publish_sealed
+from tests.server_process import run_forseti
 from tests.test_swap import infer_policy, wait_for
-
-
-def forseti(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "forseti", *args], capture_output=True, text=True, timeout=60
-    )
-
-
-@pytest.fixture
-def own_keyring(tmp_path: Path) -> Path:
-    path = tmp_path / "keys" / "keyring.json"
-    path.parent.mkdir()
-    Keyring.generate().save(path)
-    return path
-
-
-@pytest.fixture
-def own_repo(tmp_path: Path, own_keyring: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    build_repository(repo, Keyring.load(own_keyring))
-    return repo
 
 
 def sealed_files(repo: Path) -> list[Path]:
@@ -199,7 +176,9 @@ def test_reseal_command_reports_each_file_and_exits_1_on_problems(
 ) -> None:
     rotate_keyring(own_keyring)
     audit = tmp_path / "audit.log"
-    ok = forseti("reseal", "--keyring", str(own_keyring), "--audit-log", str(audit), str(own_repo))
+    ok = run_forseti(
+        "reseal", "--keyring", str(own_keyring), "--audit-log", str(audit), str(own_repo)
+    )
     assert ok.returncode == 0, ok.stderr
     assert "resealed 3 file(s)" in ok.stdout
     assert ok.stdout.count("resealed policy/1/model.onnx.sealed") == 1
@@ -211,7 +190,7 @@ def test_reseal_command_reports_each_file_and_exits_1_on_problems(
     ]
 
     publish_sealed(own_repo, "policy", policy_onnx(2), Keyring.generate(), version=2)
-    failed = forseti("reseal", "--keyring", str(own_keyring), str(own_repo))
+    failed = run_forseti("reseal", "--keyring", str(own_keyring), str(own_repo))
     assert failed.returncode == 1
     assert "policy/2/model.onnx.sealed: unknown key id" in failed.stderr
 
@@ -256,17 +235,17 @@ def test_rotate_reseal_retire_under_steady_decision_calls_then_restart_still_ser
         t.start()
     try:
         wait_for(lambda: len(answers) > 20, 20, "first decisions")
-        rotated = forseti("keys", "rotate", str(own_keyring))
+        rotated = run_forseti("keys", "rotate", str(own_keyring))
         assert rotated.returncode == 0, rotated.stderr
         new_key = Keyring.load(own_keyring).newest.key_id
 
-        refused = forseti(
+        refused = run_forseti(
             "keys", "retire", str(own_keyring), old_key, "--repository", str(own_repo)
         )
         assert refused.returncode == 1
         assert f"needed by 7 sealed file(s) (7 in {own_repo})" in refused.stderr
 
-        resealed = forseti("reseal", "--keyring", str(own_keyring), str(own_repo))
+        resealed = run_forseti("reseal", "--keyring", str(own_keyring), str(own_repo))
         assert resealed.returncode == 0, resealed.stderr
         assert "resealed 7 file(s)" in resealed.stdout
 
@@ -284,7 +263,7 @@ def test_rotate_reseal_retire_under_steady_decision_calls_then_restart_still_ser
         calls_at_swap = len(answers)
         wait_for(lambda: len(answers) > calls_at_swap + 20, 20, "decisions after the swap")
 
-        retired = forseti(
+        retired = run_forseti(
             "keys", "retire", str(own_keyring), old_key, "--repository", str(own_repo)
         )
         assert retired.returncode == 0, retired.stderr
@@ -304,4 +283,4 @@ def test_rotate_reseal_retire_under_steady_decision_calls_then_restart_still_ser
     assert client.is_model_ready("simple") and client.is_model_ready("all_types")
     client.close()
     server.stop()
-    assert forseti("audit", "verify", str(audit)).returncode == 0
+    assert run_forseti("audit", "verify", str(audit)).returncode == 0
