@@ -11,11 +11,12 @@ torch thread, SB3 logger output and ``TrainingMonitor`` attached):
   mean episode length those episodes had (episodes/s depends on it: an untrained policy ends
   CartPole episodes after ~20 steps, a trained one after 500);
 * one policy update: the wall time of each PPO ``train()`` call inside those chunks (median
-  and max); the rollout it learns from is n_steps x n_envs samples, n_epochs passes;
+  and max); the rollout it learns from is n_steps x n_envs samples, and ``grads`` is the
+  number of minibatch gradient steps it takes (n_epochs x minibatches);
 * checkpoint: ``save_checkpoint`` (sealed safetensors, atomic publish) into a temporary run
-  folder, median of three;
+  folder, median of three after one warm-up call;
 * export + parity: ``describe_policy`` + ``export_onnx`` + ``check_parity`` on 1,000
-  observations (half sampled, half visited), median of two.
+  observations (half sampled, half visited), median of two after one warm-up call.
 
 Then a monitor-overhead check: PPO with 8 in-process envs trained with and without
 ``TrainingMonitor`` in alternating runs, plus the time spent inside the callback.
@@ -25,8 +26,8 @@ It is a benchmark, not a test: it exits 0 whatever the numbers are, unless the r
 failed. Timings depend on what else runs on the machine: the load average before and after is
 printed with them.
 
-    .venv/bin/python -m loadtests.bench_training            # ~2 minutes
-    .venv/bin/python -m loadtests.bench_training --quick    # ~40 s, shorter windows
+    .venv/bin/python -m loadtests.bench_training            # ~4 minutes on 2 cores
+    .venv/bin/python -m loadtests.bench_training --quick    # ~2 minutes, shorter windows
     .venv/bin/python -m loadtests.bench_training --n-envs 32 --vectorization dummy --json out.json
 """
 
@@ -58,6 +59,7 @@ class Row:
     vectorization: str
     n_envs: int
     rollout: int  # samples per policy update (n_steps x n_envs)
+    grad_steps: int  # minibatch gradient steps per policy update (n_epochs x minibatches)
     env_steps_per_s: float
     env_episodes_per_s: float
     train_steps_per_s: float
@@ -89,7 +91,7 @@ class Settings:
     overhead_runs: int
 
 
-FULL = Settings(3.0, 8.0, 3, 2, 32_768, 3)
+FULL = Settings(3.0, 8.0, 3, 2, 16_384, 3)
 QUICK = Settings(1.0, 3.0, 2, 1, 8_192, 2)
 
 
@@ -166,6 +168,7 @@ def measure_training(model: Any, metrics: Any, monitor: Any, seconds: float) -> 
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up: the first call also pays for lazy imports and first-use set-up
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -228,6 +231,7 @@ def bench_config(n_envs: int, vectorization: str, settings: Settings) -> Row:
         vectorization=vectorization,
         n_envs=n_envs,
         rollout=model.n_steps * n_envs,
+        grad_steps=model.n_epochs * -(-model.n_steps * n_envs // model.batch_size),
         env_steps_per_s=env_rates[0],
         env_episodes_per_s=env_rates[1],
         train_steps_per_s=training["steps_per_s"],
@@ -303,7 +307,8 @@ def _verdict(ok: bool) -> str:
 def print_report(rows: list[Row], overhead: Overhead | None, load: tuple[Any, Any]) -> None:
     print()
     header = (
-        f"{'vec env':<10} {'n_envs':>6} {'rollout':>7} | {'env steps/s':>11} {'env ep/s':>9} | "
+        f"{'vec env':<10} {'n_envs':>6} {'rollout':>7} {'grads':>5} | {'env steps/s':>11} "
+        f"{'env ep/s':>9} | "
         f"{'train steps/s':>13} {'train ep/s':>10} {'ep len':>6} | {'update ms':>9} "
         f"{'max':>6} {'n':>4} | {'ckpt ms':>7} | {'export+parity ms':>16}"
     )
@@ -311,7 +316,8 @@ def print_report(rows: list[Row], overhead: Overhead | None, load: tuple[Any, An
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r.vectorization:<10} {r.n_envs:>6} {r.rollout:>7} | {r.env_steps_per_s:>11,.0f} "
+            f"{r.vectorization:<10} {r.n_envs:>6} {r.rollout:>7} {r.grad_steps:>5} | "
+            f"{r.env_steps_per_s:>11,.0f} "
             f"{r.env_episodes_per_s:>9,.0f} | {r.train_steps_per_s:>13,.0f} "
             f"{r.train_episodes_per_s:>10,.1f} {r.train_mean_episode_length:>6.0f} | "
             f"{r.update_ms_median:>9.1f} {r.update_ms_max:>6.1f} {r.updates_timed:>4} | "
@@ -332,7 +338,8 @@ def print_report(rows: list[Row], overhead: Overhead | None, load: tuple[Any, An
     for r in rows:
         print(
             f"  policy update < {TARGET_UPDATE_MS:.0f} ms ({r.vectorization}, {r.n_envs} envs, "
-            f"{r.rollout} samples): median {r.update_ms_median:.1f} ms "
+            f"{r.rollout} samples, {r.grad_steps} gradient steps): median "
+            f"{r.update_ms_median:.1f} ms "
             f"{_verdict(r.update_ms_median < TARGET_UPDATE_MS)}"
         )
     if overhead is not None:
@@ -358,7 +365,7 @@ def _parser() -> argparse.ArgumentParser:
         "update time, checkpoint time, export + parity time, beside Forseti's targets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="shorter measurement windows (~40 s)")
+    p.add_argument("--quick", action="store_true", help="shorter measurement windows")
     p.add_argument("--n-envs", default="1,8,32", help="env counts, comma separated (1..32)")
     p.add_argument(
         "--vectorization",
