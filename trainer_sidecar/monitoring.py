@@ -541,9 +541,9 @@ class TrainingMonitor(BaseCallback):
       (``policy``; SAC/TD3: ``actor`` and ``critic``).
     - value estimate: on-policy, the mean of the rollout buffer's V(s) at each rollout's end;
       off-policy, mean Q(s, pi(s)) (DQN: max_a Q) on ``stats_sample_size`` replay observations.
-    - policy entropy: on-policy, the action distribution's entropy on sampled rollout
-      observations; SAC, -mean log-prob of sampled actions; none for DQN (greedy) and TD3
-      (deterministic).
+    - policy entropy: on-policy, the action distribution's entropy on ``stats_sample_size``
+      rollout observations (at most once per ``flush_every_s``); SAC, -mean log-prob of
+      sampled actions; none for DQN (greedy) and TD3 (deterministic).
 
     They run under ``torch.no_grad``, with the torch RNG state restored and the monitor's own
     numpy generator, so monitoring never changes the training run.
@@ -579,6 +579,7 @@ class TrainingMonitor(BaseCallback):
         self._pending_lengths: list[float] = []
         self._next_flush = 0.0
         self._next_log = 0.0
+        self._next_entropy = 0.0
         self._disabled_stats: set[str] = set()
 
     # -- SB3 hooks ------------------------------------------------------------------------------
@@ -625,7 +626,13 @@ class TrainingMonitor(BaseCallback):
         buffer = getattr(self.model, "rollout_buffer", None)
         if isinstance(buffer, RolloutBuffer) and buffer.full:
             # The whole rollout is in the buffer now; train() flattens it next.
-            self._run_stat("rollout", lambda: self._rollout_stats(buffer))
+            self.metrics.record_policy_stats(value_estimate=float(np.mean(buffer.values)))
+            now = time.monotonic()
+            # Rollouts can be a few ms apart (n_steps 32): the entropy's forward pass runs at
+            # most once per flush interval.
+            if now >= self._next_entropy:
+                self._next_entropy = now + self.flush_every_s
+                self._run_stat("entropy", lambda: self._rollout_entropy(buffer))
 
     def _on_training_end(self) -> None:
         now = time.monotonic()
@@ -724,17 +731,14 @@ class TrainingMonitor(BaseCallback):
         size = min(self.stats_sample_size, n_filled * n_envs)
         return self._rng.integers(0, n_filled, size), self._rng.integers(0, n_envs, size)
 
-    def _rollout_stats(self, buffer: RolloutBuffer) -> None:
+    def _rollout_entropy(self, buffer: RolloutBuffer) -> None:
         model = self.model
-        value = float(np.mean(buffer.values))
         steps, envs = self._sample_indices(buffer.buffer_size, buffer.n_envs)
         obs_np = _index_observations(buffer.observations, steps, envs)
         distribution = model.policy.get_distribution(obs_as_tensor(obs_np, model.device))
         entropy = distribution.entropy()
-        self.metrics.record_policy_stats(
-            value_estimate=value,
-            entropy=None if entropy is None else float(entropy.mean()),
-        )
+        if entropy is not None:  # None: a squashed Gaussian has no closed form
+            self.metrics.record_policy_stats(entropy=float(entropy.mean()))
 
     def _replay_stats(self) -> None:
         model = self.model
