@@ -78,7 +78,8 @@ class Overhead:
     steps_per_s_without: float
     steps_per_s_with: float
     callback_share: float  # of the monitored runs' wall time spent inside the callback
-    runs_each: int
+    runs_without: list[float]  # steps/s of each run, in the order they ran
+    runs_with: list[float]
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,8 @@ def bench_monitor_overhead(settings: Settings, n_envs: int = 8) -> Overhead:
         steps_per_s_without=statistics.median(rates[False]),
         steps_per_s_with=statistics.median(rates[True]),
         callback_share=TimedMonitor.inside / monitored_wall,
-        runs_each=settings.overhead_runs,
+        runs_without=rates[False],
+        runs_with=rates[True],
     )
 
 
@@ -346,10 +348,13 @@ def print_report(rows: list[Row], overhead: Overhead | None, load: tuple[Any, An
         print()
         print(
             f"TrainingMonitor overhead (PPO, {overhead.n_envs} in-process envs, "
-            f"{overhead.runs_each} runs each, medians): {overhead.steps_per_s_without:,.0f} "
+            f"{len(overhead.runs_with)} runs each, medians): {overhead.steps_per_s_without:,.0f} "
             f"steps/s without, {overhead.steps_per_s_with:,.0f} with; "
             f"{100 * overhead.callback_share:.2f}% of the monitored runs' time inside the callback"
         )
+        runs = ", ".join(f"{r:,.0f}" for r in overhead.runs_without)
+        print(f"  runs without: {runs}")
+        print(f"  runs with:    {', '.join(f'{r:,.0f}' for r in overhead.runs_with)}")
     print()
     print(
         f"load average before {load[0]}, after {load[1]} on {os.cpu_count()} cores "
