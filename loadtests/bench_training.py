@@ -96,10 +96,10 @@ FULL = Settings(3.0, 8.0, 3, 2, 16_384, 3)
 QUICK = Settings(1.0, 3.0, 2, 1, 8_192, 2)
 
 
-def _spec(n_envs: int, vectorization: str, run_dir: Path) -> Any:
+def _spec(n_envs: int, vectorization: str, run_dir: Path, spec_path: Path = SPEC_PATH) -> Any:
     from forseti.trainer_sidecar.spec import load_spec
 
-    spec = load_spec(SPEC_PATH)
+    spec = load_spec(spec_path)
     return dataclasses.replace(
         spec,
         env=dataclasses.replace(spec.env, n_envs=n_envs, vectorization=vectorization),
@@ -210,12 +210,14 @@ def measure_export(model: Any, spec: Any, repeats: int) -> float:
     return _median_ms(export_and_check, repeats)
 
 
-def bench_config(n_envs: int, vectorization: str, settings: Settings) -> Row:
+def bench_config(
+    n_envs: int, vectorization: str, settings: Settings, spec_path: Path = SPEC_PATH
+) -> Row:
     from forseti.trainer_sidecar.algorithms import build_model, make_env
     from forseti.trainer_sidecar.monitoring import SidecarMetrics, TrainingMonitor, attach_logger
 
     with tempfile.TemporaryDirectory(prefix="forseti-bench-") as tmp:
-        spec = _spec(n_envs, vectorization, Path(tmp) / "run")
+        spec = _spec(n_envs, vectorization, Path(tmp) / "run", spec_path)
         env = make_env(spec)
         try:
             env_rates = measure_env(env, settings.env_seconds)
@@ -380,6 +382,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-overhead", action="store_true", help="skip the TrainingMonitor overhead runs"
     )
+    p.add_argument(
+        "--spec",
+        type=Path,
+        default=SPEC_PATH,
+        help="training spec whose PPO hyperparameters are measured (n_envs is overridden); "
+        "examples/cartpole_ppo_32envs.toml keeps updates at 10 gradient steps for 32 envs",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     return p
 
@@ -407,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             for n in counts:
                 print(f"measuring {kind} x {n} envs ...", flush=True)
-                rows.append(bench_config(n, kind, settings))
+                rows.append(bench_config(n, kind, settings, args.spec))
         overhead = None
         if not args.no_overhead:
             print("measuring TrainingMonitor overhead ...", flush=True)
