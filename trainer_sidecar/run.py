@@ -444,6 +444,7 @@ class TrainingRun:
             margin=spec.evaluation.margin,
             env_kwargs=dict(spec.env.kwargs),
             headers=self.headers,
+            batch=spec.model.max_batch_size,
         )
         result.decisions.append(decision)
         self.metrics.record_gate(
