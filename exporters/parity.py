@@ -53,6 +53,7 @@ class ParityReport:
     max_abs_error: float  # largest abs error over the float outputs (0.0 if none)
     errors: dict[str, float] = field(default_factory=dict)  # max abs error per float output
     seconds: float = 0.0
+    ties: int = 0  # discrete actions that differ only where SB3's scores tie within float error
 
 
 def sample_observations(space: Any, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -116,6 +117,16 @@ def _reference(
         if EXTRA_Q_VALUES in wanted:
             out[EXTRA_Q_VALUES] = policy.q_net(obs_t).cpu().numpy()
     return out
+
+
+def _near_ties(actions: np.ndarray, scores: np.ndarray, atol: float) -> np.ndarray:
+    """Rows where the exported action's reference score equals the best one within ``atol``
+    (relative to the score's size): argmax over near-equal floats may go either way."""
+    s = np.asarray(scores, dtype=np.float64).reshape(len(actions), -1)
+    chosen = np.clip(actions.reshape(len(actions), -1)[:, 0], 0, s.shape[1] - 1)
+    best = s.max(axis=1)
+    gap = best - s[np.arange(len(s)), chosen]
+    return gap <= atol * np.maximum(1.0, np.abs(best))
 
 
 def _normalization(normalization: Any) -> ObsNormalization | None:
@@ -184,6 +195,10 @@ def check_parity(
     norm_obs = obs if norm is None else norm.apply(obs)
     ref = _reference(model, norm_obs, set(names))
 
+    # A discrete action may differ where SB3's own scores for the two actions are equal within
+    # float error; the scores themselves are still compared below, so a wrong export fails there.
+    scores = EXTRA_LOGITS if EXTRA_LOGITS in ref else EXTRA_Q_VALUES
+    ties = 0
     bad = np.zeros(n, dtype=bool)
     errors: dict[str, float] = {}
     first_bad: dict[str, int] = {}
@@ -194,6 +209,10 @@ def check_parity(
             raise ParityError(f"output '{name}' has shape {list(g.shape)}, SB3 {list(r.shape)}")
         if name == ACTION and np.issubdtype(g.dtype, np.integer):
             row_bad = (g != r).any(axis=1)
+            if row_bad.any() and scores in ref:
+                tie = _near_ties(g, ref[scores], output_atol) & row_bad
+                ties = int(tie.sum())
+                row_bad &= ~tie
         else:
             err = np.abs(g.astype(np.float64) - r.astype(np.float64))
             both_nan = np.isnan(g) & np.isnan(r)
@@ -213,6 +232,7 @@ def check_parity(
         max_abs_error=max(errors.values(), default=0.0),
         errors=errors,
         seconds=seconds,
+        ties=ties,
     )
     if report.mismatches:
         name, index = next(iter(first_bad.items()))
@@ -227,12 +247,14 @@ def check_parity(
             "The export does not reproduce the policy; do not publish it."
         )
     log.info(
-        "parity ok algorithm=%s n=%d sampled=%d visited=%d max_abs_error=%.3g seconds=%.3f",
+        "parity ok algorithm=%s n=%d sampled=%d visited=%d max_abs_error=%.3g ties=%d "
+        "seconds=%.3f",
         type(model).__name__,
         n,
         report.n_sampled,
         report.n_visited,
         report.max_abs_error,
+        report.ties,
         report.seconds,
     )
     return report

@@ -177,3 +177,28 @@ def test_a_two_dimensional_observation_is_served_flattened() -> None:
     assert (desc.obs_dim, desc.obs_shape) == (6, (2, 3))
     report = check_parity(export_onnx(desc), model, None, n=200)
     assert report.mismatches == 0
+
+
+def _flat_policy_export(second_bias: float) -> tuple[PPO, bytes]:
+    """A CartPole policy whose logits are equal everywhere (SB3 picks action 0), exported with
+    the second logit raised by ``second_bias`` (the export picks action 1)."""
+    model = PPO("MlpPolicy", "CartPole-v1", device="cpu", seed=0)
+    with torch.no_grad():
+        model.policy.action_net.weight.zero_()
+        model.policy.action_net.bias.zero_()
+    description = describe_policy(model)
+    description.actor[-1].bias[1] = np.float32(second_bias)
+    return model, export_onnx(description)
+
+
+def test_actions_that_differ_only_at_a_float_tie_pass_and_are_counted() -> None:
+    model, onnx_bytes = _flat_policy_export(1e-9)
+    report = check_parity(onnx_bytes, model, env_id="CartPole-v1", n=200)
+    assert report.ties == 200
+    assert report.mismatches == 0
+
+
+def test_actions_that_differ_beyond_a_tie_still_fail() -> None:
+    model, onnx_bytes = _flat_policy_export(1e-3)
+    with pytest.raises(ParityError, match="200 of 200 observations differ"):
+        check_parity(onnx_bytes, model, env_id="CartPole-v1", n=200)
