@@ -458,3 +458,16 @@ def test_gguf_first_run_publishes_gguf_and_onnx_that_answer_alike(served: Served
     finally:
         client.close()
     assert np.array_equal(from_gguf, from_onnx)
+
+
+def test_sidecar_promotes_into_a_polling_server_without_control_calls(
+    tmp_path: Path, keyring_path: Path, keyring: Keyring, start_server
+) -> None:
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    server = start_server(repository, "--model-control-mode", "poll", "--repository-poll-secs", "1")
+    served = Served(server, repository, tmp_path, keyring_path, keyring)
+    spec = served.spec(model="polled", total=512, interval=512)
+    result = TrainingRun(spec, keyring=keyring).run()
+    assert [p.version for p in result.promotions] == [1]
+    assert result.promotions[0].publish_to_serving_seconds < 30
