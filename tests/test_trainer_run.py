@@ -471,3 +471,26 @@ def test_sidecar_promotes_into_a_polling_server_without_control_calls(
     result = TrainingRun(spec, keyring=keyring).run()
     assert [p.version for p in result.promotions] == [1]
     assert result.promotions[0].publish_to_serving_seconds < 30
+
+
+def test_normalised_policy_is_served_from_raw_observations(served: Served) -> None:
+    spec = served.spec(model="normalised", total=1024, interval=1024)
+    Path(spec.source).write_text(
+        Path(spec.source)
+        .read_text()
+        .replace("n_envs = 4\n", "n_envs = 4\nnormalize_observations = true\n")
+    )
+    run = TrainingRun(load_spec(spec.source), keyring=served.keyring)
+    result = run.run()
+    assert [p.version for p in result.promotions] == [1]
+    assert run.model is not None and run.env is not None
+    normalizer = run.env  # VecNormalize: what the policy saw in training
+    obs = np.random.default_rng(2).uniform(-2, 2, (64, 4)).astype(np.float32)
+    expected, _ = run.model.predict(normalizer.normalize_obs(obs), deterministic=True)
+    client = served.server.client()
+    try:
+        answered = infer(client, "normalised", obs).as_numpy("action").reshape(-1)
+    finally:
+        client.close()
+    assert 'string_value: "true"' in (served.repository / "normalised" / "config.pbtxt").read_text()
+    assert np.array_equal(answered, expected)
