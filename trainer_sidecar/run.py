@@ -210,6 +210,7 @@ class TrainingRun:
                 f"{run_dir} already holds checkpoints of an earlier run; pass --resume to "
                 "continue it, or set checkpoint.directory to a new folder"
             )
+        self._check_server()
         self._audit(
             "train.run_start",
             run=spec.run_name,
@@ -217,6 +218,16 @@ class TrainingRun:
             resumed_from=result.resumed_from,
             total_timesteps=spec.algorithm.total_timesteps,
         )
+
+    def _check_server(self) -> None:
+        """Say at the start, not after hours of training, when the server cannot be reached."""
+        try:
+            self.client.is_server_live(headers=self.headers, client_timeout=5.0)
+        except InferenceServerException as exc:
+            log.warning(
+                "server not reachable now; training goes on, but the gate will need it",
+                extra={"url": self.spec.server.url, "reason": exc.message()},
+            )
 
     # -- the loop ---------------------------------------------------------------------------
 
