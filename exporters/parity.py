@@ -247,8 +247,7 @@ def check_parity(
             "The export does not reproduce the policy; do not publish it."
         )
     log.info(
-        "parity ok algorithm=%s n=%d sampled=%d visited=%d max_abs_error=%.3g ties=%d "
-        "seconds=%.3f",
+        "parity ok algorithm=%s n=%d sampled=%d visited=%d max_abs_error=%.3g ties=%d seconds=%.3f",
         type(model).__name__,
         n,
         report.n_sampled,
