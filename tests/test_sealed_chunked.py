@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from forseti.server.security import sealed as sealed_module
 from forseti.server.security.keyring import Keyring
 from forseti.server.security.sealed import (
     FORMAT_V2,
@@ -279,3 +280,14 @@ def test_seal_file_keeps_format_1_for_small_files_by_default(
     out = seal_file(plain, keyring, model="m", version=1)
 
     assert parse_header(out.read_bytes()).format_version == 1
+
+
+def test_seal_bytes_beyond_the_format_1_limit_seals_as_format_2(
+    keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real limit is 2 GiB (AES-GCM's one-message maximum in cryptography); lowered here.
+    monkeypatch.setattr(sealed_module, "MAX_V1_PLAINTEXT", 1000)
+    plaintext = os.urandom(5000)
+    blob = seal_bytes(plaintext, keyring, model="m", version=1, filename="model.onnx")
+    assert parse_header(blob).format_version == FORMAT_V2
+    assert open_sealed(blob, keyring, model="m", version=1, filename="model.onnx") == plaintext

@@ -23,6 +23,7 @@ not sealed as final), appending, reordering or swapping chunks between files all
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import secrets
@@ -279,12 +280,17 @@ def peek_key_id(blob: bytes) -> str:
 def seal_bytes(
     plaintext: bytes, keyring: Keyring, *, model: str, version: int, filename: str
 ) -> bytes:
-    """Seal ``plaintext`` with the keyring's newest key, bound to model/version/filename."""
+    """Seal ``plaintext`` with the keyring's newest key, bound to model/version/filename.
+
+    Format 1 up to AES-GCM's single-message limit; beyond it, the chunked format 2 (so a
+    checkpoint or artifact over 2 GiB seals too).
+    """
     if len(plaintext) > MAX_V1_PLAINTEXT:
-        raise SealError(
-            "too large for seal format 1",
-            f"{len(plaintext)} bytes, limit {MAX_V1_PLAINTEXT}; use seal_stream (format 2)",
+        sealed = io.BytesIO()
+        seal_stream(
+            io.BytesIO(plaintext), sealed, keyring, model=model, version=version, filename=filename
         )
+        return sealed.getvalue()
     key = keyring.newest
     kid = key.key_id.encode("ascii")
     header = MAGIC + bytes([FORMAT_V1, len(kid)]) + kid + secrets.token_bytes(NONCE_BYTES)
