@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,11 +72,6 @@ def wait_for_checkpoints(run_dir: Path, count: int, proc: subprocess.Popen[bytes
         time.sleep(0.05)
 
 
-def checkpoint_timesteps(run_dir: Path) -> list[int]:
-    """Timesteps of each checkpoint, from their folder numbers' order (state is sealed)."""
-    return sorted(version_dirs(run_dir / "checkpoints"))
-
-
 def test_bad_spec_exits_1_naming_the_field(tmp_path: Path, keyring_path: Path) -> None:
     path = tmp_path / "spec.toml"
     path.write_text('[model]\nname = "m"\nrepository = "r"\n[env]\nid = "CartPole-v1"\n')
@@ -140,7 +136,6 @@ def test_sigterm_in_sidecar_mode_checkpoints_and_exits_cleanly(
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "nothing was promoted"
             time.sleep(0.05)
-        checkpoints_before = len(checkpoint_timesteps(tmp_path / "run"))
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
@@ -149,5 +144,9 @@ def test_sigterm_in_sidecar_mode_checkpoints_and_exits_cleanly(
             proc.wait()
     output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
-    assert "(stopped)" in output
-    assert len(checkpoint_timesteps(tmp_path / "run")) >= min(checkpoints_before + 1, 3)
+    stopped_at = re.search(r"run sidecar-ppo: (\d+) timesteps.*\(stopped\)", output)
+    assert stopped_at, output[-3000:]
+    # The state the run stopped in is checkpointed (once: a stop at a boundary adds none).
+    checkpointed = re.findall(r"checkpoint written number=\d+ timesteps=(\d+)", output)
+    assert checkpointed[-1] == stopped_at.group(1)
+    assert len(checkpointed) == len(set(checkpointed))
