@@ -494,3 +494,26 @@ def test_normalised_policy_is_served_from_raw_observations(served: Served) -> No
         client.close()
     assert 'string_value: "true"' in (served.repository / "normalised" / "config.pbtxt").read_text()
     assert np.array_equal(answered, expected)
+
+
+def test_dqn_run_publishes_actions_and_q_values(served: Served) -> None:
+    spec = served.spec(SAC_PENDULUM, model="dqn", total=1024, interval=512, episodes=3)
+    text = (
+        Path(spec.source)
+        .read_text()
+        .replace('id = "Pendulum-v1"', 'id = "CartPole-v1"')
+        .replace('name = "SAC"', 'name = "DQN"')
+        .replace("buffer_size = 5000", "buffer_size = 5000\ntarget_update_interval = 100")
+    )
+    Path(spec.source).write_text(text)
+    result = TrainingRun(load_spec(spec.source), keyring=served.keyring).run()
+    assert result.num_timesteps == 1024
+    assert [p.version for p in result.promotions] == [1]
+    client = served.server.client()
+    try:
+        answer = infer(client, "dqn", np.zeros((3, 4), np.float32))
+    finally:
+        client.close()
+    q_values = answer.as_numpy("q_values")
+    assert q_values.shape == (3, 2)
+    assert np.array_equal(answer.as_numpy("action").reshape(-1), q_values.argmax(axis=1))
