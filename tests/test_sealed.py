@@ -274,6 +274,18 @@ def test_seal_repository_skips_config_hidden_and_non_version_entries(
     assert (repo / "cartpole" / "notes" / "readme.txt").exists()
 
 
+def test_seal_repository_leaves_the_trainers_version_manifest_plain(
+    keyring: Keyring, tmp_path: Path
+) -> None:
+    repo = _make_repo(tmp_path)
+    (repo / "cartpole" / "1" / "manifest.json").write_text('{"training_run": "r"}\n')
+
+    sealed = seal_repository(repo, keyring)
+
+    assert (repo / "cartpole" / "1" / "manifest.json").read_text() == '{"training_run": "r"}\n'
+    assert not any(p.name == "manifest.json.sealed" for p in sealed)
+
+
 def test_seal_repository_is_idempotent(keyring: Keyring, tmp_path: Path) -> None:
     repo = _make_repo(tmp_path)
     seal_repository(repo, keyring)

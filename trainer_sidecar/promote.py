@@ -17,13 +17,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from forseti.server.durable import atomic_write
+from forseti.server.repository.layout import VERSION_MANIFEST
 from forseti.server.repository.publish import publish_version
 from forseti.server.security.keyring import Keyring
 from forseti.server.security.sealed import SEALED_SUFFIX, seal_bytes
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = VERSION_MANIFEST
 
 
 class PromotionError(Exception):

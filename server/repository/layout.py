@@ -11,6 +11,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from forseti.server.errors import ModelLoadError
 from forseti.server.security.sealed import SEALED_SUFFIX
 
+# A version folder's description of where it came from (written by the trainer): plain JSON
+# with no secret in it, never a model file, so it is neither sealed nor served.
+VERSION_MANIFEST = "manifest.json"
+
 
 def is_hidden(name: str) -> bool:
     """Hidden entries (publishers' temporary folders among them) are never served."""

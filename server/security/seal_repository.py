@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+from ..repository.layout import VERSION_MANIFEST
 from .keyring import Keyring
 from .sealed import SEALED_SUFFIX, SealError, seal_file
 
@@ -52,7 +53,11 @@ def seal_repository(repo: Path, keyring: Keyring) -> list[Path]:
                 continue
             version = int(version_dir.name)
             for entry in sorted(version_dir.iterdir()):
-                if not _visible(entry) or entry.name.endswith(SEALED_SUFFIX):
+                if (
+                    not _visible(entry)
+                    or entry.name.endswith(SEALED_SUFFIX)
+                    or entry.name == VERSION_MANIFEST
+                ):
                     continue
                 where = f"{model}/{version_dir.name}/{entry.name}"
                 if entry.is_symlink():
