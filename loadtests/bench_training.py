@@ -214,7 +214,8 @@ def bench_config(
     n_envs: int, vectorization: str, settings: Settings, spec_path: Path = SPEC_PATH
 ) -> Row:
     from forseti.trainer_sidecar.algorithms import build_model, make_env
-    from forseti.trainer_sidecar.monitoring import SidecarMetrics, TrainingMonitor, attach_logger
+    from forseti.trainer_sidecar.monitoring import TrainingMonitor, attach_logger
+    from forseti.trainer_sidecar.training_metrics import SidecarMetrics
 
     with tempfile.TemporaryDirectory(prefix="forseti-bench-") as tmp:
         spec = _spec(n_envs, vectorization, Path(tmp) / "run", spec_path)
@@ -251,7 +252,8 @@ def bench_config(
 def bench_monitor_overhead(settings: Settings, n_envs: int = 8) -> Overhead:
     """PPO with and without TrainingMonitor, alternating (ABBA...) so both see the same load."""
     from forseti.trainer_sidecar.algorithms import build_model, make_env
-    from forseti.trainer_sidecar.monitoring import SidecarMetrics, TrainingMonitor, attach_logger
+    from forseti.trainer_sidecar.monitoring import TrainingMonitor, attach_logger
+    from forseti.trainer_sidecar.training_metrics import SidecarMetrics
 
     class TimedMonitor(TrainingMonitor):
         inside = 0.0

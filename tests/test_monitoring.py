@@ -19,12 +19,10 @@ from stable_baselines3 import DQN, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 
-from forseti.trainer_sidecar.monitoring import (
+from forseti.trainer_sidecar.monitoring import PrometheusKVWriter, TrainingMonitor, attach_logger
+from forseti.trainer_sidecar.training_metrics import (
     MetricsServer,
-    PrometheusKVWriter,
     SidecarMetrics,
-    TrainingMonitor,
-    attach_logger,
     start_metrics_server,
 )
 
@@ -287,7 +285,7 @@ def test_gate_without_live_version_serves_nan_live_return(
 
 
 def test_gate_decision_is_logged_with_both_returns(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="forseti.trainer_sidecar.monitoring")
+    caplog.set_level(logging.INFO, logger="forseti.trainer_sidecar.training_metrics")
     SidecarMetrics().record_gate(300.0, 310.0, promoted=False, reason="below margin")
     (record,) = [r for r in caplog.records if r.getMessage() == "gate decision"]
     assert (record.candidate_return, record.live_return) == (300.0, 310.0)

@@ -59,9 +59,9 @@ def _run(spec, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
 
     from .checkpoint import CheckpointError
     from .gate import GateError
-    from .monitoring import SidecarMetrics, start_metrics_server
     from .promote import PromotionError
     from .run import TrainingError, TrainingRun
+    from .training_metrics import SidecarMetrics, start_metrics_server
 
     try:
         keyring = load_keyring(spec.server.keyring)

@@ -38,9 +38,10 @@ from forseti.server.security.keyring import Keyring
 from . import checkpoint as checkpoints
 from .algorithms import build_model, make_env, vec_normalize_of
 from .gate import GateDecision, GateError, evaluate_gate, gguf_actor, onnx_actor
-from .monitoring import SidecarMetrics, TrainingMonitor, attach_logger
+from .monitoring import TrainingMonitor, attach_logger
 from .promote import Promotion, PromotionError, promote
 from .spec import TrainingSpec
+from .training_metrics import SidecarMetrics
 
 log = logging.getLogger(__name__)
 
