@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,11 +27,14 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
+def atomic_output(
+    path: Path, *, mode: int = 0o600, verify: Callable[[Path], None] | None = None
+) -> Iterator[BinaryIO]:
     """Stream into ``path`` through a hidden temp file; fsync and rename on success only.
 
     The temp file is created with ``mode`` by os.open itself, so it is never wider than that,
-    not even briefly; on an exception it is removed.
+    not even briefly; on an exception it is removed. ``verify`` gets the complete, fsynced temp
+    file before the rename and raises to keep it from replacing ``path``.
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
@@ -43,6 +46,8 @@ def atomic_output(path: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        if verify is not None:
+            verify(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -15,14 +15,13 @@ import fcntl
 import hashlib
 import logging
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ..durable import fsync_dir
+from ..durable import atomic_output
 from .key_rotation import read_header_key
 from .keyring import Keyring
 from .sealed import (
@@ -116,24 +115,17 @@ def reseal_file(path: Path, keyring: Keyring, *, model: str, version: int) -> Re
         return None
     mode = stat.S_IMODE(path.stat().st_mode)
     old_sha256 = _file_sha256(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.reseal.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            plain_sha256 = _write_resealed(path, out, keyring, model, version, name)
-            out.flush()
-            os.fsync(out.fileno())
+    resealed: dict[str, str] = {}
+
+    def same_plaintext(tmp: Path) -> None:
         # Never put a file in place that does not give back exactly what the old one held.
-        if _plaintext_sha256(tmp, keyring, model, version, name) != plain_sha256:
+        if _plaintext_sha256(tmp, keyring, model, version, name) != resealed["plain"]:
             raise SealError("resealed file does not match the original", str(path))
-        new_sha256 = _file_sha256(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+        resealed["file"] = _file_sha256(tmp)
+
+    with atomic_output(path, mode=mode, verify=same_plaintext) as out:
+        resealed["plain"] = _write_resealed(path, out, keyring, model, version, name)
+    new_sha256 = resealed["file"]
     return ResealedFile(model, version, path, from_key, to_key, old_sha256, new_sha256)
 
 
