@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -402,11 +402,9 @@ def _export_policy(
     from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
     from forseti.trainer_sidecar.checkpoint import CheckpointError, restore_checkpoint
 
+    from .checked_policy import export_checked_policy
     from .errors import ExportError
     from .gguf_check import checked_gguf
-    from .onnx_export import export_onnx
-    from .parity import check_parity
-    from .policy_description import describe_policy, obs_normalization_from
 
     # In-process envs: exporting steps no env, and worker processes would only cost start-up.
     export_spec = dataclasses.replace(
@@ -423,22 +421,18 @@ def _export_policy(
         normalizer = vec_normalize_of(env)
         # The replay buffer matters only to train on; the policy is all an export needs.
         restore_checkpoint(model, dataclasses.replace(loaded, replay_buffer=None), normalizer)
-        description = describe_policy(model, obs_normalization_from(normalizer))
-        onnx_bytes = export_onnx(description)
-        n = args.parity_observations or spec.evaluation.parity_observations
-        report = check_parity(
-            onnx_bytes,
+        checked = export_checked_policy(
             model,
             normalizer,
             env_id=spec.env.id,
             env_kwargs=dict(spec.env.kwargs),
-            n=n,
+            n=args.parity_observations or spec.evaluation.parity_observations,
             seed=spec.algorithm.seed,
         )
+        description, report, obs = checked.description, checked.parity, checked.samples
         check = f"parity: {report.n} observations, max abs error {report.max_abs_error:.3g}"
         if args.format == "onnx":
-            return _PolicyExport(onnx_bytes, description, check)
-        obs = _sample(model.observation_space, n, spec.algorithm.seed)
+            return _PolicyExport(checked.onnx, description, check)
         if args.format == "safetensors":
             artifact = _safetensors_artifact(description, obs)
             return _PolicyExport(artifact, description, check + "; read back: identical")
@@ -449,12 +443,6 @@ def _export_policy(
         raise _ExportFailed(f"checkpoint {loaded.info.path}: {exc}") from None
     finally:
         env.close()
-
-
-def _sample(space: Any, n: int, seed: int) -> np.ndarray:
-    from .parity import sample_observations
-
-    return sample_observations(space, n, np.random.default_rng(seed))
 
 
 def _safetensors_artifact(description: PolicyDescription, obs: np.ndarray) -> bytes:

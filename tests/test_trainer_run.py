@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from stable_baselines3 import PPO
 from tritonclient.utils import InferenceServerException
 
-from forseti.exporters import onnx_export
+from forseti.exporters import checked_policy, onnx_export
 from forseti.exporters.errors import ParityError
 from forseti.exporters.model_config import policy_config_text
 from forseti.exporters.policy_description import PolicyDescription, describe_policy
@@ -29,7 +29,6 @@ from forseti.server.repository.layout import version_dirs
 from forseti.server.security.audit import AuditLog, verify_file
 from forseti.server.security.keyring import Keyring
 from forseti.server.security.sealed import open_sealed_file
-from forseti.trainer_sidecar import run as run_module
 from forseti.trainer_sidecar.gate import evaluate_gate, onnx_actor
 from forseti.trainer_sidecar.promote import PromotionError, promote
 from forseti.trainer_sidecar.run import RunResult, TrainingRun
@@ -280,7 +279,7 @@ def test_parity_failure_stops_the_promotion_and_keeps_the_live_version(
         last.weight[...] = -last.weight  # flip the policy's preferences: a wrong export
         return real_export(desc)
 
-    monkeypatch.setattr(run_module, "export_onnx", corrupted_export)
+    monkeypatch.setattr(checked_policy, "export_onnx", corrupted_export)
     before = set(version_dirs(served.repository / "cartpole"))
     spec = served.spec(model="cartpole", total=1024, interval=1024)
     with pytest.raises(ParityError):
@@ -431,7 +430,7 @@ def test_sidecar_keeps_training_after_a_failed_mid_run_promotion(
             desc.actor[-1].weight[...] = -desc.actor[-1].weight
         return real_export(desc)
 
-    monkeypatch.setattr(run_module, "export_onnx", first_export_corrupted)
+    monkeypatch.setattr(checked_policy, "export_onnx", first_export_corrupted)
     spec = served.spec(model="carry-on", total=1024, interval=512)
     result = TrainingRun(spec, keyring=served.keyring, continuous=True).run()
     assert result.failed_promotions == 1

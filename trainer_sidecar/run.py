@@ -22,15 +22,12 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 from tritonclient.utils import InferenceServerException
 
+from forseti.exporters.checked_policy import export_checked_policy
 from forseti.exporters.errors import ExportError
 from forseti.exporters.gguf_check import checked_gguf
 from forseti.exporters.model_config import policy_config_text
-from forseti.exporters.onnx_export import export_onnx
-from forseti.exporters.parity import check_parity, sample_observations
 from forseti.exporters.policy_description import (
     PolicyDescription,
-    describe_policy,
-    obs_normalization_from,
 )
 from forseti.server.repository.layout import version_dirs
 from forseti.server.security.keyring import Keyring
@@ -368,10 +365,7 @@ class TrainingRun:
         assert model is not None and env is not None
         normalizer = vec_normalize_of(env)
         start = time.perf_counter()
-        description = describe_policy(model, obs_normalization_from(normalizer))
-        onnx_bytes = export_onnx(description)
-        report = check_parity(
-            onnx_bytes,
+        checked = export_checked_policy(
             model,
             normalizer,
             env_id=spec.env.id,
@@ -379,15 +373,13 @@ class TrainingRun:
             n=spec.evaluation.parity_observations,
             seed=spec.algorithm.seed,
         )
+        description, report = checked.description, checked.parity
         checks: dict[str, Any] = {"parity": {"n": report.n, "max_abs_error": report.max_abs_error}}
-        artifacts = {"onnx": onnx_bytes}
+        artifacts = {"onnx": checked.onnx}
         if "gguf" in spec.model.formats:
-            obs = sample_observations(
-                model.observation_space,
-                spec.evaluation.parity_observations,
-                np.random.default_rng(spec.algorithm.seed),
+            artifacts["gguf"], agreement = checked_gguf(
+                description, checked.samples, spec.model.gguf_type
             )
-            artifacts["gguf"], agreement = checked_gguf(description, obs, spec.model.gguf_type)
             checks["gguf"] = {"type": spec.model.gguf_type, "agreement": agreement}
         seconds = time.perf_counter() - start
         log.info(
