@@ -15,12 +15,12 @@ import time
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
-from gguf.gguf_writer import WriterState
 from gguf.quants import quantize
 
 from forseti.server.backends import gguf_policy_format as fmt
 
 from .errors import ExportError
+from .gguf_stream import pad_to, write_gguf_head
 from .policy_description import DenseLayer, PolicyDescription
 
 log = logging.getLogger(__name__)
@@ -161,19 +161,12 @@ def export_gguf(desc: PolicyDescription, *, weight_type: str = "f32") -> bytes:
             writer.add_tensor_info(name, shape, np.dtype(np.uint8), data.nbytes, raw_dtype=qtype)
         else:
             writer.add_tensor_info(name, shape, data.dtype, data.nbytes)
-    # GGUFWriter writes header, metadata and tensor table to a file object; tensor data follows
-    # at the alignment that table promised (its own data writer needs a real file descriptor).
     sink = io.BytesIO()
-    writer.fout = [sink]  # type: ignore[list-item]
-    writer.state = WriterState.EMPTY
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    alignment = writer.data_alignment
+    alignment = write_gguf_head(writer, sink)
     for _, data, _ in tensors:
-        sink.write(b"\0" * (GGUFWriter.ggml_pad(sink.tell(), alignment) - sink.tell()))
+        pad_to(sink, alignment)
         sink.write(np.ascontiguousarray(data).tobytes())
-    sink.write(b"\0" * (GGUFWriter.ggml_pad(sink.tell(), alignment) - sink.tell()))
+    pad_to(sink, alignment)
     blob = sink.getvalue()
     log.info(
         "exported gguf algorithm=%s weight_type=%s bytes=%d tensors=%d seconds=%.4f",

@@ -302,10 +302,30 @@ def _convert_slice(job: _SliceJob) -> np.ndarray:
     return quantize(values, qtype)
 
 
-def _pad(sink: _Sink, alignment: int) -> None:
+def pad_to(sink: _Sink, alignment: int) -> None:
+    """Zero bytes up to the next multiple of ``alignment`` (GGUF's tensor data alignment)."""
     pad = GGUFWriter.ggml_pad(sink.tell(), alignment) - sink.tell()
     if pad:
         sink.write(b"\0" * pad)
+
+
+def write_gguf_head(writer: GGUFWriter, sink: _Sink) -> int:
+    """Write ``writer``'s header, metadata and tensor table into ``sink``, padded to where the
+    tensor data starts; returns the data alignment. The caller then writes each tensor's bytes,
+    padded to that alignment, in the order of the table.
+
+    GGUFWriter's own path buffers every tensor in memory and its data writer needs a real file;
+    a policy written to bytes and a converter that streams (maybe through a sealing writer)
+    need neither, so only its header writers are used.
+    """
+    writer.fout = [sink]  # type: ignore[list-item]
+    writer.state = WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    alignment = writer.data_alignment
+    pad_to(sink, alignment)
+    return alignment
 
 
 def _write_gguf(
@@ -331,14 +351,8 @@ def _write_gguf(
         writer.add_tensor_info(
             p.source.name, p.source.shape or (1,), np.dtype(np.float32), p.out_nbytes, p.qtype
         )
-    # GGUFWriter opens files by path; hand it our sink (plain atomic file or sealing stream).
-    writer.fout = [sink]  # type: ignore[list-item]
-    writer.state = WriterState.EMPTY
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    alignment = writer.data_alignment
-    _pad(sink, alignment)
+    # The sink is a plain atomic file or a sealing stream.
+    alignment = write_gguf_head(writer, sink)
     tensor_start = sink.tell()
     # Slices convert on worker threads (numpy releases the GIL) and are written in order; at
     # most `threads` slices are in flight, so memory stays bounded by the slice size.
@@ -364,7 +378,7 @@ def _write_gguf(
                         f"tensor {job.planned.source.name!r}: wrote {written}, "
                         f"expected {job.planned.out_nbytes}"
                     )
-                _pad(sink, alignment)
+                pad_to(sink, alignment)
                 tensor_start = sink.tell()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
