@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
+from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 
@@ -25,16 +25,7 @@ from forseti.exporters.policy_description import (
 )
 from forseti.server.backends import gguf_policy_format as fmt
 from forseti.server.backends.gguf_backend import load_policy
-
-CASES = [
-    (PPO, "CartPole-v1", torch.nn.Tanh),
-    (PPO, "Pendulum-v1", torch.nn.ReLU),
-    (A2C, "CartPole-v1", torch.nn.ELU),
-    (DQN, "CartPole-v1", torch.nn.LeakyReLU),
-    (SAC, "Pendulum-v1", torch.nn.SiLU),
-    (TD3, "Pendulum-v1", torch.nn.GELU),
-]
-CASE_IDS = [f"{cls.__name__}-{env}-{act.__name__}" for cls, env, act in CASES]
+from tests.sb3_policies import POLICY_CASE_IDS, POLICY_CASES
 
 
 def _describe(cls: type, env_id: str, activation: type) -> tuple[PolicyDescription, object]:
@@ -66,7 +57,7 @@ def _fields(blob: bytes, tmp_path: Path) -> tuple[dict[str, object], dict[str, t
     return fields, tensors
 
 
-@pytest.mark.parametrize(("cls", "env_id", "activation"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("cls", "env_id", "activation"), POLICY_CASES, ids=POLICY_CASE_IDS)
 def test_f32_gguf_matches_onnx_within_1e_5(cls: type, env_id: str, activation: type) -> None:
     desc, space = _describe(cls, env_id, activation)
     obs = sample_observations(space, 1000, np.random.default_rng(0))

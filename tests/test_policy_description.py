@@ -27,16 +27,7 @@ from forseti.exporters.policy_description import (
     obs_normalization_from,
     policy_outputs,
 )
-
-CASES = [
-    (PPO, "CartPole-v1", torch.nn.Tanh),
-    (PPO, "Pendulum-v1", torch.nn.ReLU),
-    (A2C, "CartPole-v1", torch.nn.ELU),
-    (DQN, "CartPole-v1", torch.nn.LeakyReLU),
-    (SAC, "Pendulum-v1", torch.nn.SiLU),
-    (TD3, "Pendulum-v1", torch.nn.GELU),
-]
-CASE_IDS = [f"{cls.__name__}-{env}-{act.__name__}" for cls, env, act in CASES]
+from tests.sb3_policies import POLICY_CASE_IDS, POLICY_CASES
 
 
 class SpacesEnv(gym.Env):
@@ -59,7 +50,7 @@ def _obs(desc: PolicyDescription, n: int = 500) -> np.ndarray:
     return np.random.default_rng(1).uniform(-3, 3, (n, desc.obs_dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize(("cls", "env_id", "activation"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("cls", "env_id", "activation"), POLICY_CASES, ids=POLICY_CASE_IDS)
 def test_description_reproduces_sb3_predict(cls: type, env_id: str, activation: type) -> None:
     model = cls(
         "MlpPolicy", env_id, seed=0, device="cpu", policy_kwargs={"activation_fn": activation}
