@@ -110,7 +110,12 @@ def _binding(model: str, version: int, filename: str) -> bytes:
     return b"".join(struct.pack(">I", len(p)) + p for p in parts)
 
 
-def _parse_v1_header(blob: bytes) -> SealHeader:
+def _parse_key_id(blob: bytes, tail: int) -> tuple[str, int]:
+    """The key id after the magic and format byte, and where the ``tail`` bytes after it end.
+
+    Both formats go on with a fixed-size field (format 1 the nonce, format 2 the nonce prefix
+    and chunk size); a blob too short for it is a truncated header.
+    """
     pos = len(MAGIC) + 1
     if len(blob) < pos + 1:
         raise SealError("truncated header")
@@ -118,30 +123,32 @@ def _parse_v1_header(blob: bytes) -> SealHeader:
     pos += 1
     if kid_len == 0:
         raise SealError("malformed header", "empty key id")
-    end = pos + kid_len + NONCE_BYTES
+    end = pos + kid_len + tail
     if len(blob) < end:
         raise SealError("truncated header")
     try:
-        key_id = blob[pos : pos + kid_len].decode("ascii")
+        key_id = bytes(blob[pos : pos + kid_len]).decode("ascii")
     except UnicodeDecodeError:
         raise SealError("malformed header", "key id is not ascii") from None
-    nonce = blob[pos + kid_len : end]
+    return key_id, end
+
+
+def _parse_v1_header(blob: bytes) -> SealHeader:
+    key_id, end = _parse_key_id(blob, NONCE_BYTES)
+    nonce = blob[end - NONCE_BYTES : end]
     return SealHeader(format_version=FORMAT_V1, key_id=key_id, nonce=nonce, raw=blob[:end])
 
 
 def _open_v1(
     blob: bytes, header: SealHeader, keyring: Keyring, model: str, version: int, filename: str
 ) -> bytes:
-    try:
-        key = keyring.get(header.key_id)
-    except KeyringError:
-        raise SealError("unknown key id", f"key {header.key_id!r} is not in the keyring") from None
+    secret = _key_for(header, keyring)
     aad = header.raw + _binding(model, version, filename)
     body = memoryview(blob)[header.body_offset :]
     if len(body) < TAG_BYTES:
         raise SealError(AUTH_FAILED)
     try:
-        return AESGCM(key.secret).decrypt(header.nonce, body, aad)
+        return AESGCM(secret).decrypt(header.nonce, body, aad)
     except InvalidTag:
         raise SealError(AUTH_FAILED) from None
 
@@ -154,21 +161,8 @@ def _key_for(header: SealHeader, keyring: Keyring) -> bytes:
 
 
 def _parse_v2_header(blob: bytes) -> SealHeader:
-    pos = len(MAGIC) + 1
-    if len(blob) < pos + 1:
-        raise SealError("truncated header")
-    kid_len = blob[pos]
-    pos += 1
-    if kid_len == 0:
-        raise SealError("malformed header", "empty key id")
-    end = pos + kid_len + NONCE_PREFIX_BYTES + 4
-    if len(blob) < end:
-        raise SealError("truncated header")
-    try:
-        key_id = bytes(blob[pos : pos + kid_len]).decode("ascii")
-    except UnicodeDecodeError:
-        raise SealError("malformed header", "key id is not ascii") from None
-    prefix = bytes(blob[pos + kid_len : pos + kid_len + NONCE_PREFIX_BYTES])
+    key_id, end = _parse_key_id(blob, NONCE_PREFIX_BYTES + 4)
+    prefix = bytes(blob[end - 4 - NONCE_PREFIX_BYTES : end - 4])
     (chunk_size,) = struct.unpack(">I", blob[end - 4 : end])
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise SealError(
