@@ -175,11 +175,12 @@ def evaluate_gate(
 ) -> GateDecision:
     """Play the candidate and the live version on the same episodes and decide."""
     start = time.perf_counter()
+    # First: an unreachable server stops the gate before the candidate's episodes are played.
+    live = live_version(client, model, headers)
     candidate_returns = play_episodes(
         candidate, env_id, episodes=episodes, seed=seed, env_kwargs=env_kwargs, batch=batch
     )
     candidate_mean = float(np.mean(candidate_returns))
-    live = live_version(client, model, headers)
     if live is None:
         live_mean = None
         promoted, reason = True, "no live version"
