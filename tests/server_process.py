@@ -138,5 +138,9 @@ class ServerProcess:
 def run_forseti(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the `forseti` command in a subprocess and capture its output."""
     return subprocess.run(
-        [sys.executable, "-m", "forseti", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "forseti", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,  # as in CI: a command that waits for input fails, not hangs
     )

@@ -33,6 +33,7 @@ from forseti.server.security.audit import (
 )
 from forseti.server.security.keyring import Keyring
 from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
+from tests.server_process import run_forseti
 from tests.test_swap import infer_policy
 
 N_RECORDS = 7  # plus the audit.open line: 8 lines
@@ -47,12 +48,6 @@ def write_log(path: Path, n: int = N_RECORDS) -> list[bytes]:
 
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_bytes().splitlines()]
-
-
-def forseti(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "forseti", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 # ---- the chain ----------------------------------------------------------------------------
@@ -354,11 +349,11 @@ def test_long_strings_are_cut(tmp_path: Path) -> None:
 def test_audit_verify_prints_ok_and_the_head(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     write_log(path)
-    result = forseti("audit", "verify", str(path))
+    result = run_forseti("audit", "verify", str(path))
     assert result.returncode == 0
     assert result.stdout.startswith(f"OK: {N_RECORDS + 1} lines")
     head = result.stdout.split("head ")[1].split()[0]
-    assert forseti("audit", "verify", str(path), "--head", head).returncode == 0
+    assert run_forseti("audit", "verify", str(path), "--head", head).returncode == 0
 
 
 def test_audit_verify_names_the_first_broken_line_and_exits_1(tmp_path: Path) -> None:
@@ -367,7 +362,7 @@ def test_audit_verify_names_the_first_broken_line_and_exits_1(tmp_path: Path) ->
     del lines[3]
     path.write_bytes(b"".join(lines))
 
-    result = forseti("audit", "verify", str(path))
+    result = run_forseti("audit", "verify", str(path))
 
     assert result.returncode == 1
     assert result.stdout.startswith("BROKEN at line 4:")

@@ -13,27 +13,18 @@ import tritonclient.grpc as grpcclient
 
 from forseti.server.security.keyring import Keyring
 from tests.model_builders import POLICY_CONFIG, policy_onnx, write_config
-
-
-def forseti(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "forseti", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+from tests.server_process import run_forseti
 
 
 def test_help_lists_every_command() -> None:
-    result = forseti("--help")
+    result = run_forseti("--help")
     assert result.returncode == 0
     for command in ("serve", "keys", "seal"):
         assert f"  {command} " in result.stdout
 
 
 def test_serve_help_names_the_triton_options() -> None:
-    result = forseti("serve", "--help")
+    result = run_forseti("serve", "--help")
     assert result.returncode == 0
     for option in (
         "--model-repository",
@@ -49,14 +40,14 @@ def test_serve_help_names_the_triton_options() -> None:
 
 
 def test_unknown_command_exits_2_with_usage() -> None:
-    result = forseti("frobnicate")
+    result = run_forseti("frobnicate")
     assert result.returncode == 2
     assert "unknown command 'frobnicate'" in result.stderr
 
 
 def test_keys_new_writes_owner_only_keyring(tmp_path: Path) -> None:
     path = tmp_path / "keyring.json"
-    result = forseti("keys", "new", str(path))
+    result = run_forseti("keys", "new", str(path))
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(Keyring.load(path).key_ids) == 1
@@ -65,9 +56,9 @@ def test_keys_new_writes_owner_only_keyring(tmp_path: Path) -> None:
 
 def test_keys_new_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     path = tmp_path / "keyring.json"
-    assert forseti("keys", "new", str(path)).returncode == 0
+    assert run_forseti("keys", "new", str(path)).returncode == 0
     before = path.read_bytes()
-    result = forseti("keys", "new", str(path))
+    result = run_forseti("keys", "new", str(path))
     assert result.returncode == 1
     assert "--force" in result.stderr
     assert path.read_bytes() == before
@@ -81,9 +72,9 @@ def test_seal_turns_a_plaintext_triton_repository_into_a_served_sealed_one(
     (model_dir / "1").mkdir()
     (model_dir / "1" / "model.onnx").write_bytes(policy_onnx(3))
     keyring = tmp_path / "keyring.json"
-    assert forseti("keys", "new", str(keyring)).returncode == 0
+    assert run_forseti("keys", "new", str(keyring)).returncode == 0
 
-    result = forseti("seal", "--keyring", str(keyring), str(repo))
+    result = run_forseti("seal", "--keyring", str(keyring), str(repo))
     assert result.returncode == 0, result.stderr
     assert not (model_dir / "1" / "model.onnx").exists()
     assert (model_dir / "1" / "model.onnx.sealed").is_file()
@@ -96,13 +87,13 @@ def test_seal_turns_a_plaintext_triton_repository_into_a_served_sealed_one(
 
 
 def test_seal_with_missing_keyring_says_how_to_make_one(tmp_path: Path) -> None:
-    result = forseti("seal", "--keyring", str(tmp_path / "nope.json"), str(tmp_path))
+    result = run_forseti("seal", "--keyring", str(tmp_path / "nope.json"), str(tmp_path))
     assert result.returncode == 2
     assert "forseti keys new" in result.stderr
 
 
 def test_serve_with_missing_repository_exits_2(tmp_path: Path) -> None:
-    result = forseti("serve", "--model-repository", str(tmp_path / "missing"))
+    result = run_forseti("serve", "--model-repository", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert "is not a folder" in result.stderr
 
@@ -111,7 +102,7 @@ def test_serve_with_corrupt_keyring_exits_2_without_echoing_it(tmp_path: Path) -
     keyring = tmp_path / "keyring.json"
     keyring.write_text(json.dumps({"format": "forseti-keyring/1", "keys": "SECRETSTUFF"}))
     keyring.chmod(0o600)
-    result = forseti("serve", "--model-repository", str(tmp_path), "--keyring", str(keyring))
+    result = run_forseti("serve", "--model-repository", str(tmp_path), "--keyring", str(keyring))
     assert result.returncode == 2
     assert "SECRETSTUFF" not in result.stderr + result.stdout
 

@@ -33,6 +33,7 @@ from forseti.trainer_sidecar import checkpoint as trainer_checkpoint
 from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
 from forseti.trainer_sidecar.checkpoint import save_checkpoint
 from forseti.trainer_sidecar.spec import load_spec
+from tests.server_process import run_forseti
 
 RUN_NAME = "cartpole-ppo"
 # A small PPO run with observation normalisation, so the statistics must travel into the export.
@@ -110,9 +111,7 @@ def command(*args: str | Path) -> list[str]:
 
 
 def export(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command(*args), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
-    )
+    return run_forseti("export", "--no-progress", *map(str, args), timeout=120)
 
 
 @dataclass(frozen=True)

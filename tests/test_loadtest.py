@@ -15,20 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.server_process import free_port
+from tests.server_process import free_port, run_forseti
 
 GENEROUS = ["--p99-ms", "5000"]  # a target any loaded CI box meets
 
 
 def loadtest(server, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     url = ["--url", server.url] if server is not None else []
-    return subprocess.run(
-        [sys.executable, "-m", "forseti", "loadtest", *url, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_forseti("loadtest", *url, *args, timeout=timeout)
 
 
 def aggregated(output: str) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import pytest
 
 from forseti.server.repository.layout import version_dirs
 
-from .server_process import ServerProcess
+from .server_process import ServerProcess, run_forseti
 from .training_specs import PPO_CARTPOLE, write_spec
 
 
@@ -45,13 +45,7 @@ def spec_file(tmp_path: Path, server: ServerProcess, keyring_path: Path, **kwarg
 
 
 def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "forseti", "train", "--no-progress", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_forseti("train", "--no-progress", *args, timeout=timeout)
 
 
 def start_training(*args: str, log: Path) -> subprocess.Popen[bytes]:
