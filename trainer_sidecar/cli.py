@@ -6,8 +6,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forseti.server.logs import configure_logging
+
+if TYPE_CHECKING:  # imported when a command runs, so `forseti --help` stays light
+    from forseti.server.security.audit import AuditLog
+
+    from .spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +59,7 @@ def main_train(argv: list[str]) -> int:
     return _run(spec, args)
 
 
-def _run(spec, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _run(spec: TrainingSpec, args: argparse.Namespace) -> int:
     from forseti.exporters.errors import ExportError
     from forseti.server.security.keyring import KeyringError, load_keyring
 
@@ -101,7 +107,7 @@ def _run(spec, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def _open_audit(spec):  # type: ignore[no-untyped-def]
+def _open_audit(spec: TrainingSpec) -> AuditLog | None:
     if spec.server.audit_log is None:
         return None
     from forseti.server.security.audit import AuditLog
