@@ -89,3 +89,16 @@ def build_model(spec: TrainingSpec, env: VecEnv) -> BaseAlgorithm:
         extra={"algorithm": spec.algorithm.name, "env": spec.env.id, "n_envs": spec.env.n_envs},
     )
     return model
+
+
+def pin_schedule(model: BaseAlgorithm, total_timesteps: int) -> None:
+    """Keep learning-rate and exploration schedules relative to the whole run.
+
+    Each chunked ``learn`` call would otherwise compute schedule progress against its own end.
+    """
+    original = model._update_current_progress_remaining
+
+    def update(num_timesteps: int, _chunk_total: int) -> None:
+        original(num_timesteps, total_timesteps)
+
+    model._update_current_progress_remaining = update  # type: ignore[method-assign]

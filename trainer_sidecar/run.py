@@ -33,7 +33,7 @@ from forseti.server.repository.layout import version_dirs
 from forseti.server.security.keyring import Keyring
 
 from . import checkpoint as checkpoints
-from .algorithms import build_model, make_env, vec_normalize_of
+from .algorithms import build_model, make_env, pin_schedule, vec_normalize_of
 from .gate import GateDecision, GateError, evaluate_gate, gguf_actor, onnx_actor
 from .monitoring import TrainingMonitor, attach_logger
 from .promote import Promotion, PromotionError, promote
@@ -106,19 +106,6 @@ class StopRequest:
                 signal.signal(sig, handler)
 
 
-def _pin_schedule(model: BaseAlgorithm, total_timesteps: int) -> None:
-    """Keep learning-rate and exploration schedules relative to the whole run.
-
-    Each chunked ``learn`` call would otherwise compute schedule progress against its own end.
-    """
-    original = model._update_current_progress_remaining
-
-    def update(num_timesteps: int, _chunk_total: int) -> None:
-        original(num_timesteps, total_timesteps)
-
-    model._update_current_progress_remaining = update  # type: ignore[method-assign]
-
-
 def _read_headers(spec: TrainingSpec) -> dict[str, str] | None:
     server = spec.server
     if server.token_header is None or server.token_file is None:
@@ -181,7 +168,7 @@ class TrainingRun:
         run_dir = spec.checkpoint.directory
         self.env = make_env(spec)
         self.model = build_model(spec, self.env)
-        _pin_schedule(self.model, spec.algorithm.total_timesteps)
+        pin_schedule(self.model, spec.algorithm.total_timesteps)
         attach_logger(self.model, self.metrics)
         self.metrics.set_run_info(run=spec.run_name, algorithm=spec.algorithm.name, env=spec.env.id)
         self.monitor = TrainingMonitor(
