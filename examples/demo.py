@@ -22,7 +22,7 @@ import gymnasium
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "examples" / "cartpole_ppo.toml"

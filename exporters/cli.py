@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from forseti.server.durable import atomic_output
-from forseti.server.logs import configure_logging
-from forseti.server.security.sealed import SEALED_SUFFIX
+from forseti.core.durable import atomic_output
+from forseti.core.logs import configure_logging
+from forseti.core.sealing.sealed import SEALED_SUFFIX
 
 if TYPE_CHECKING:
+    from forseti.core.sealing.keyring import Keyring
     from forseti.exporters.policy_description import PolicyDescription
-    from forseti.server.security.keyring import Keyring
     from forseti.trainer_sidecar.checkpoint import LoadedCheckpoint
     from forseti.trainer_sidecar.spec import TrainingSpec
 
@@ -229,7 +229,7 @@ def _check_common(args: argparse.Namespace) -> None:
 
 
 def _load_keyring(path: Path | None) -> Keyring:
-    from forseti.server.security.keyring import KeyringError, load_keyring
+    from forseti.core.sealing.keyring import KeyringError, load_keyring
 
     try:
         return load_keyring(path)
@@ -245,7 +245,7 @@ def _plaintext_name(output: Path) -> str:
 
 def _write(args: argparse.Namespace, data: bytes, keyring: Keyring | None) -> _Written:
     """Write ``data`` (sealed with --seal) to OUTPUT atomically."""
-    from forseti.server.security.sealed import SealError, seal_bytes
+    from forseti.core.sealing.sealed import SealError, seal_bytes
 
     if not args.seal:
         with atomic_output(args.output, mode=PLAINTEXT_MODE) as fh:
@@ -333,7 +333,7 @@ def _open_checkpoint(args: argparse.Namespace, kind: str, keyring: Keyring) -> L
 
 def _hint(message: str) -> str:
     """What to check when the checkpoint's seals do not open."""
-    from forseti.server.security.sealed import AUTH_FAILED
+    from forseti.core.sealing.sealed import AUTH_FAILED
 
     if f"{CHECKPOINT_MARKER}: {AUTH_FAILED}" in message:
         return f"; {SEAL_HINT}"
@@ -469,7 +469,7 @@ def _write_config(
     """DIR/config.pbtxt for the artifact, naming its file when it is not the backend's default."""
     from google.protobuf import text_format
 
-    from forseti.server.repository.config import CONFIG_FILENAME, DEFAULT_FILENAMES
+    from forseti.core.repository.config import CONFIG_FILENAME, DEFAULT_FILENAMES
 
     from .errors import ExportError
     from .model_config import policy_config

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from forseti.server.backends.gguf_backend import load_policy
-from forseti.server.errors import ModelLoadError
+from forseti.core.errors import ModelLoadError
+from forseti.core.gguf.reader import load_policy
 
 from .errors import ExportError
 from .gguf_policy import export_gguf

@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
-from forseti.server.backends import gguf_policy_format as fmt
+from forseti.core.gguf import policy_format as fmt
 
 from .errors import ExportError
 from .gguf_stream import pad_to, write_gguf_head

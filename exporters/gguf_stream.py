@@ -41,9 +41,9 @@ from gguf import (
 from gguf.gguf_writer import WriterState
 from gguf.quants import quantize
 
-from forseti.server.durable import atomic_output
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import SEALED_SUFFIX, SealingWriter
+from forseti.core.durable import atomic_output
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import SEALED_SUFFIX, SealingWriter
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main_serve",
         "serve a model repository over Triton's gRPC protocol",
     ),
-    "keys": ("forseti.server.cli", "main_keys", "create, rotate, list and retire keyring keys"),
-    "seal": ("forseti.server.cli", "main_seal", "seal every plaintext model file of a repository"),
+    "keys": ("forseti.core.cli", "main_keys", "create, rotate, list and retire keyring keys"),
+    "seal": ("forseti.core.cli", "main_seal", "seal every plaintext model file of a repository"),
     "reseal": (
-        "forseti.server.cli",
+        "forseti.core.cli",
         "main_reseal",
         "re-encrypt a repository's artifacts to the newest key, atomically, while serving",
     ),
-    "audit": ("forseti.server.cli", "main_audit", "verify a hash-chained audit log"),
+    "audit": ("forseti.core.cli", "main_audit", "verify a hash-chained audit log"),
     "train": (
         "forseti.trainer_sidecar.cli",
         "main_train",

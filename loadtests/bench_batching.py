@@ -198,7 +198,7 @@ def model_config(family: Family, variant: str) -> str:
 
 def build_repository(root: Path, families: list[Family], variants: list[str]) -> tuple[Path, Path]:
     """(repository, keyring file): every family x variant, sealed with a fresh keyring."""
-    from forseti.server.security.keyring import Keyring
+    from forseti.core.sealing.keyring import Keyring
     from tests.model_builders import publish_sealed, write_config
 
     keyring_path = root / "keyring.json"

@@ -86,8 +86,8 @@ def _percentiles(samples: list[int]) -> tuple[float, float]:
 
 def time_backends(desc: object, artifacts: dict, calls: int, rounds: int) -> list[Row]:
     """backend.run of the server's own backend classes, in this process."""
+    from forseti.core.repository.config import model_spec, parse_config_text
     from forseti.server.backends import create_backend
-    from forseti.server.repository.config import model_spec, parse_config_text
 
     backends = {}
     for name, (backend, blob) in artifacts.items():
@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from forseti.server.security.keyring import Keyring
+    from forseti.core.sealing.keyring import Keyring
     from tests.model_builders import publish_sealed, write_config
     from tests.server_process import ServerProcess
 

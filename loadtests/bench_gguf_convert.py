@@ -61,7 +61,7 @@ _CHILD = """
 import json, sys
 from pathlib import Path
 from forseti.exporters.gguf_stream import convert_checkpoint
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 keyring = Keyring.load(sys.argv[4]) if len(sys.argv) > 4 else None
 r = convert_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), outtype=sys.argv[3],
                        keyring=keyring, model="bench", version=1, progress=False)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(time_convert(src, out_dir, outtype, None, data_bytes))
                 print(f"  {rows[-1].what}: {rows[-1].seconds:.1f}s", flush=True)
             if args.seal:
-                from forseti.server.security.keyring import Keyring
+                from forseti.core.sealing.keyring import Keyring
 
                 keyring_path = tmp_path / "keyring.json"
                 Keyring.generate().save(keyring_path)

@@ -434,7 +434,7 @@ class EmptyFloorProcess:
 
 def build_policy_repository(root: Path) -> tuple[Path, Path, bytes]:
     """(repository, keyring file, plaintext model bytes) for the sealed policy model."""
-    from forseti.server.security.keyring import Keyring
+    from forseti.core.sealing.keyring import Keyring
     from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
 
     keyring_path = root / "keyring.json"
@@ -493,8 +493,8 @@ class OrtFloor:
     def __init__(self, model: bytes) -> None:
         import onnxruntime as ort
 
+        from forseti.core.repository.config import parse_config_text
         from forseti.server.backends.onnxruntime_backend import _session_options, choose_providers
-        from forseti.server.repository.config import parse_config_text
         from tests.model_builders import POLICY_CONFIG
 
         config = parse_config_text(POLICY_CONFIG, MODEL)

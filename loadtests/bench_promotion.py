@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-limit-s", type=float, default=600.0, help="give up training after")
     args = p.parse_args(argv)
 
+    from forseti.core.sealing.keyring import Keyring
     from forseti.exporters.checked_policy import export_checked_policy
     from forseti.exporters.model_config import policy_config_text
-    from forseti.server.security.keyring import Keyring
     from forseti.trainer_sidecar.algorithms import vec_normalize_of
     from forseti.trainer_sidecar.gate import onnx_actor, play_episodes, server_actor
     from forseti.trainer_sidecar.spec import load_spec

@@ -103,7 +103,7 @@ class Fuzzer:
     """Holds the server (restarting it after a crash), the channel and the outcomes."""
 
     def __init__(self, workdir: Path, deadline: float) -> None:
-        from forseti.server.security.keyring import Keyring
+        from forseti.core.sealing.keyring import Keyring
         from tests.model_builders import build_repository
 
         self.workdir = workdir

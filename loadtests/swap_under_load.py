@@ -414,7 +414,7 @@ def run_mode(
     server did (a timeout is reported in `error`); raises when the harness itself fails."""
     import psutil
 
-    from forseti.server.security.keyring import Keyring
+    from forseti.core.sealing.keyring import Keyring
     from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
     from tests.server_process import ServerProcess
 

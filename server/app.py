@@ -11,17 +11,17 @@ from pathlib import Path
 
 import grpc
 
-from forseti.server.metrics import start_metrics_server
-from forseti.server.protocol.registration import add_servicer
-from forseti.server.protocol.servicer import ServerState, TritonServicer
-from forseti.server.registry.model_registry import ModelRegistry
-from forseti.server.security.audit import AuditError, AuditLog
-from forseti.server.security.keyring import (
+from forseti.core.audit import AuditError, AuditLog
+from forseti.core.sealing.keyring import (
     Keyring,
     KeyringError,
     keyring_from_environment,
     load_keyring,
 )
+from forseti.server.metrics import start_metrics_server
+from forseti.server.protocol.registration import add_servicer
+from forseti.server.protocol.servicer import ServerState, TritonServicer
+from forseti.server.registry.model_registry import ModelRegistry
 from forseti.server.security.restricted import (
     RestrictedProtocolInterceptor,
     RestrictedProtocols,

@@ -7,7 +7,7 @@ import time
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from forseti.server.errors import ResourceExhausted
+from forseti.core.errors import ResourceExhausted
 from forseti.server.protocol.tensors import decode_inputs, requested_outputs
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from tests.model_builders import build_repository
 from tests.server_process import ServerProcess
 

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from forseti.server.repository.publish import publish_version
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import seal_bytes
+from forseti.core.repository.publish import publish_version
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import seal_bytes
 
 OBS_DIM = 8
 N_ACTIONS = 4

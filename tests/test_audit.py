@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from forseti.server.security.audit import (
+from forseti.core.audit import (
     GENESIS,
     OPEN_EVENT,
     TORN_EVENT,
@@ -31,7 +31,7 @@ from forseti.server.security.audit import (
     parse_head,
     verify_file,
 )
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
 from tests.server_process import run_forseti
 from tests.test_swap import infer_policy
@@ -271,7 +271,7 @@ def test_a_log_ending_in_a_line_that_is_no_record_is_not_continued(tmp_path: Pat
 
 WRITER = """
 import sys
-from forseti.server.security.audit import AuditLog
+from forseti.core.audit import AuditLog
 audit = AuditLog.open(sys.argv[1], component="writer")
 i = 0
 while True:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from forseti.server.errors import ModelLoadError
-from forseti.server.repository.config import model_spec, parse_config_text
+from forseti.core.errors import ModelLoadError
+from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.scheduler.dynamic_batcher import BatchingSpec
 from tests.model_builders import POLICY_CONFIG
 

@@ -22,8 +22,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 
-from forseti.server.repository.layout import version_dirs
-from forseti.server.security.keyring import Keyring
+from forseti.core.repository.layout import version_dirs
+from forseti.core.sealing.keyring import Keyring
 from forseti.trainer_sidecar.checkpoint import (
     CHECKPOINTS_DIR,
     STALE_TEMP_SECONDS,
@@ -516,7 +516,7 @@ _WRITER = textwrap.dedent(
     import sys
     from pathlib import Path
     from stable_baselines3 import PPO
-    from forseti.server.security.keyring import Keyring
+    from forseti.core.sealing.keyring import Keyring
     from forseti.trainer_sidecar.checkpoint import save_checkpoint
 
     run_dir, keyring = Path(sys.argv[1]), Keyring.load(sys.argv[2])

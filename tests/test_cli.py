@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from tests.model_builders import POLICY_CONFIG, policy_onnx, write_config
 from tests.server_process import run_forseti
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from forseti.server.errors import ModelLoadError
-from forseti.server.repository.config import model_spec, parse_config_text, read_model_config
+from forseti.core.errors import ModelLoadError
+from forseti.core.repository.config import model_spec, parse_config_text, read_model_config
 from tests.model_builders import POLICY_CONFIG, SIMPLE_CONFIG
 
 

@@ -8,8 +8,8 @@ import time
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
-from forseti.server.repository.config import model_spec, parse_config_text
 from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
 from forseti.server.stats import VersionStats
 from tests.model_builders import POLICY_CONFIG, policy_onnx

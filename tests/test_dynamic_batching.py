@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 from tritonclient.utils import InferenceServerException
 
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from tests.model_builders import SIMPLE_CONFIG, publish_sealed, simple_onnx, write_config
 from tests.test_shutdown import SLOW_CONFIG, WIDTH, slow_onnx
 

@@ -17,9 +17,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 from tritonclient.utils import InferenceServerException
 
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import seal_bytes
 from forseti.server.protocol.registration import add_servicer
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import seal_bytes
 from tests.model_builders import (
     OBS_DIM,
     POLICY_CONFIG,

@@ -18,17 +18,17 @@ from gguf.quants import dequantize
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecNormalize
 
-from forseti.exporters import cli as export_cli
-from forseti.exporters.policy_description import evaluate
-from forseti.exporters.safetensors_export import description_from_safetensors
-from forseti.server.repository.config import model_spec, parse_config_text
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import (
+from forseti.core.repository.config import model_spec, parse_config_text
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import (
     SEALED_SUFFIX,
     SealError,
     open_sealed,
     open_sealed_stream,
 )
+from forseti.exporters import cli as export_cli
+from forseti.exporters.policy_description import evaluate
+from forseti.exporters.safetensors_export import description_from_safetensors
 from forseti.trainer_sidecar import checkpoint as trainer_checkpoint
 from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
 from forseti.trainer_sidecar.checkpoint import save_checkpoint
@@ -256,7 +256,7 @@ def test_safetensors_export_round_trips_through_description_from_safetensors(
 def test_gguf_policy_from_a_checkpoint_acts_like_sb3_in_the_servers_gguf_reader(
     run: Run, exports: dict[str, Exported]
 ) -> None:
-    from forseti.server.backends.gguf_backend import load_policy
+    from forseti.core.gguf.reader import load_policy
 
     result, out = exports["gguf"].result, exports["gguf"].output
     assert result.returncode == 0, result.stderr

@@ -27,9 +27,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from forseti.server.repository.publish import TEMP_PREFIX
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import seal_bytes
+from forseti.core.repository.publish import TEMP_PREFIX
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import seal_bytes
 from loadtests.swap_under_load import Calls, ClientPool
 from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
 from tests.server_process import ServerProcess
@@ -136,7 +136,7 @@ def test_server_killed_under_load_restarts_on_the_newest_complete_version_and_cl
 SLOW_PUBLISHER = """
 import os, sys, time
 from pathlib import Path
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from tests.model_builders import policy_onnx, publish_sealed
 
 repo, keyring_path = Path(sys.argv[1]), Path(sys.argv[2])

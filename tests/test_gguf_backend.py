@@ -17,18 +17,18 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from stable_baselines3 import PPO, SAC
 from tritonclient.utils import InferenceServerException
 
+from forseti.core.errors import ModelLoadError
+from forseti.core.gguf import policy_format as fmt
+from forseti.core.repository.config import ModelSpec, model_spec, parse_config_text
+from forseti.core.repository.publish import publish_version
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import seal_stream
 from forseti.exporters.gguf_policy import export_gguf
 from forseti.exporters.model_config import policy_config_text
 from forseti.exporters.onnx_export import export_onnx
 from forseti.exporters.parity import rollout_observations, sample_observations
 from forseti.exporters.policy_description import PolicyDescription, describe_policy
-from forseti.server.backends import gguf_policy_format as fmt
 from forseti.server.backends.gguf_backend import GGUFPolicyBackend
-from forseti.server.errors import ModelLoadError
-from forseti.server.repository.config import ModelSpec, model_spec, parse_config_text
-from forseti.server.repository.publish import publish_version
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import seal_stream
 from tests.model_builders import publish_sealed, write_config
 from tests.server_process import ServerProcess
 

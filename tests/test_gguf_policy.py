@@ -14,6 +14,8 @@ from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 
+from forseti.core.gguf import policy_format as fmt
+from forseti.core.gguf.reader import load_policy
 from forseti.exporters.errors import ExportError
 from forseti.exporters.gguf_policy import export_gguf
 from forseti.exporters.onnx_export import export_onnx
@@ -23,8 +25,6 @@ from forseti.exporters.policy_description import (
     describe_policy,
     obs_normalization_from,
 )
-from forseti.server.backends import gguf_policy_format as fmt
-from forseti.server.backends.gguf_backend import load_policy
 from tests.sb3_policies import POLICY_CASE_IDS, POLICY_CASES
 
 

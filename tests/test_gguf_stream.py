@@ -14,13 +14,13 @@ import safetensors
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import SEALED_SUFFIX, open_sealed_stream
 from forseti.exporters.gguf_stream import (
     ConvertError,
     convert_checkpoint,
     list_checkpoint,
 )
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import SEALED_SUFFIX, open_sealed_stream
 
 F16 = GGMLQuantizationType.F16
 F32 = GGMLQuantizationType.F32

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from forseti.server.security.key_rotation import (
+from forseti.core.sealing.key_rotation import (
     KeyInUseError,
     retire_key,
     rotate_keyring,
     scan_key_usage,
 )
-from forseti.server.security.keyring import (
+from forseti.core.sealing.keyring import (
     KEYRING_ENV,
     KEYRING_FD_ENV,
     FileKeyring,
@@ -24,7 +24,7 @@ from forseti.server.security.keyring import (
     KeyringError,
     load_keyring,
 )
-from forseti.server.security.sealed import open_sealed, seal_bytes
+from forseti.core.sealing.sealed import open_sealed, seal_bytes
 from tests.model_builders import build_repository, policy_onnx
 from tests.server_process import ServerProcess, run_forseti
 from tests.test_swap import infer_policy

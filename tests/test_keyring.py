@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from forseti.server.security.keyring import (
+from forseti.core.sealing.keyring import (
     KEYRING_FORMAT,
     Key,
     Keyring,
@@ -152,7 +152,7 @@ def test_load_warns_when_group_or_other_can_read(
     Keyring.generate().save(path)
     path.chmod(0o644)
 
-    with caplog.at_level(logging.WARNING, logger="forseti.server.security.keyring"):
+    with caplog.at_level(logging.WARNING, logger="forseti.core.sealing.keyring"):
         Keyring.load(path)
 
     assert "chmod 600" in caplog.text

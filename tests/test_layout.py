@@ -8,8 +8,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from forseti.server.errors import ModelLoadError
-from forseti.server.repository.layout import (
+from forseti.core.errors import ModelLoadError
+from forseti.core.repository.layout import (
     find_artifact,
     list_models,
     select_versions,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forseti.server.registry.loaded_version import LoadedVersion
-from forseti.server.repository.config import model_spec, parse_config_text
 from forseti.server.scheduler.direct import DirectScheduler
 from forseti.server.stats import VersionStats
 from tests.model_builders import POLICY_CONFIG, policy_onnx

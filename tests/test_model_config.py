@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
+from forseti.core.repository.config import model_spec, parameter, parse_config_text
 from forseti.exporters.errors import ExportError
 from forseti.exporters.model_config import policy_config_text
 from forseti.exporters.onnx_export import export_onnx
 from forseti.exporters.policy_description import DenseLayer, PolicyDescription
 from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
-from forseti.server.repository.config import model_spec, parameter, parse_config_text
 
 RNG = np.random.default_rng(3)
 RUN_PARAMS = {"env_id": "CartPole-v1", "run_id": "run-42", "spec_hash": "ab12"}

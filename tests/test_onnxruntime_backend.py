@@ -7,14 +7,14 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from forseti.core.errors import ModelLoadError
+from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.backends.onnxruntime_backend import (
     OnnxRuntimeBackend,
     choose_providers,
     instance_count,
 )
-from forseti.server.errors import ModelLoadError
 from forseti.server.registry.warmup import warm_up
-from forseti.server.repository.config import model_spec, parse_config_text
 from tests.model_builders import POLICY_CONFIG, policy_onnx
 
 CPU = "CPUExecutionProvider"

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 import forseti
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from tests.model_builders import (
     ALL_TYPES,
     OBS_DIM,

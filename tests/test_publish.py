@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from forseti.server.repository.layout import version_dirs
-from forseti.server.repository.publish import PublishError, publish_version
+from forseti.core.repository.layout import version_dirs
+from forseti.core.repository.publish import PublishError, publish_version
 
 
 def _files(number: int) -> dict[str, bytes]:

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from forseti.server.security.key_rotation import read_header_key, rotate_keyring, scan_key_usage
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.reseal import (
+from forseti.core.sealing.key_rotation import read_header_key, rotate_keyring, scan_key_usage
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.reseal import (
     LOCK_NAME,
     ResealError,
     reseal_repository,
 )
-from forseti.server.security.sealed import (
+from forseti.core.sealing.sealed import (
     FORMAT_V2,
     open_sealed,
     open_sealed_stream,

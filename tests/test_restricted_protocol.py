@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 from tritonclient.utils import InferenceServerException
 
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from forseti.server.security.restricted import (
     HEADER_PREFIX,
     PROTOCOLS,

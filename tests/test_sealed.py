@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from forseti.server.security.keyring import Key, Keyring
-from forseti.server.security.seal_repository import SealRepositoryError, seal_repository
-from forseti.server.security.sealed import (
+from forseti.core.sealing.keyring import Key, Keyring
+from forseti.core.sealing.seal_repository import SealRepositoryError, seal_repository
+from forseti.core.sealing.sealed import (
     SEALED_SUFFIX,
     SealError,
     open_sealed,

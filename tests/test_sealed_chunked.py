@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from forseti.server.security import sealed as sealed_module
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import (
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import (
     FORMAT_V2,
     TAG_BYTES,
     SealError,
@@ -26,6 +25,7 @@ from forseti.server.security.sealed import (
     seal_file,
     seal_stream,
 )
+from forseti.server.security import sealed as sealed_module
 
 CHUNK = 64  # the smallest chunk a header may declare: many chunks from a few hundred bytes
 WHERE = {"model": "big", "version": 2, "filename": "model.gguf"}
@@ -165,7 +165,7 @@ def test_wrong_key_with_the_same_id_fails(keyring: Keyring) -> None:
 
 
 def _same_id_other_secret(keyring: Keyring) -> Keyring:
-    from forseti.server.security.keyring import Key
+    from forseti.core.sealing.keyring import Key
 
     original = keyring.newest
     return Keyring([Key(original.key_id, os.urandom(32), original.created)])

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from tests.model_builders import (
     POLICY_CONFIG,
     all_types_onnx,

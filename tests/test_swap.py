@@ -21,8 +21,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import seal_bytes
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import seal_bytes
 from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
 from tests.server_process import ServerProcess
 

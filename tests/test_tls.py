@@ -17,9 +17,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from forseti.core.sealing.keyring import Keyring
 from forseti.server.app import ServerOptions
 from forseti.server.cli import _serve_parser
-from forseti.server.security.keyring import Keyring
 from forseti.server.security.tls import (
     GrpcTlsOptions,
     TlsError,

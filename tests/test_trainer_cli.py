@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from forseti.server.repository.layout import version_dirs
+from forseti.core.repository.layout import version_dirs
 
 from .server_process import ServerProcess, run_forseti
 from .training_specs import PPO_CARTPOLE, write_spec

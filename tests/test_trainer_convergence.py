@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forseti.server.security.keyring import Keyring
+from forseti.core.sealing.keyring import Keyring
 from forseti.trainer_sidecar.gate import play_episodes, server_actor
 from forseti.trainer_sidecar.run import TrainingRun
 from forseti.trainer_sidecar.spec import load_spec

@@ -21,14 +21,14 @@ import tritonclient.grpc as grpcclient
 from stable_baselines3 import PPO
 from tritonclient.utils import InferenceServerException
 
+from forseti.core.audit import AuditLog, verify_file
+from forseti.core.repository.layout import version_dirs
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import open_sealed_file
 from forseti.exporters import checked_policy, onnx_export
 from forseti.exporters.errors import ParityError
 from forseti.exporters.model_config import policy_config_text
 from forseti.exporters.policy_description import PolicyDescription, describe_policy
-from forseti.server.repository.layout import version_dirs
-from forseti.server.security.audit import AuditLog, verify_file
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import open_sealed_file
 from forseti.trainer_sidecar.gate import evaluate_gate, onnx_actor
 from forseti.trainer_sidecar.promote import PromotionError, promote
 from forseti.trainer_sidecar.run import RunResult, TrainingRun

@@ -41,10 +41,10 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecNormalize
 
-from forseti.server.repository.layout import version_dirs
-from forseti.server.repository.publish import TEMP_PREFIX, PublishError, publish_version
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import SEALED_SUFFIX, SealError, open_sealed, seal_bytes
+from forseti.core.repository.layout import version_dirs
+from forseti.core.repository.publish import TEMP_PREFIX, PublishError, publish_version
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import SEALED_SUFFIX, SealError, open_sealed, seal_bytes
 from forseti.trainer_sidecar.replay_buffer_state import (
     ReplayBufferStateError,
     arrays_to_buffer,

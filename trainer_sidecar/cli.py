@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from forseti.server.logs import configure_logging
+from forseti.core.logs import configure_logging
 
 if TYPE_CHECKING:  # imported when a command runs, so `forseti --help` stays light
-    from forseti.server.security.audit import AuditLog
+    from forseti.core.audit import AuditLog
 
     from .spec import TrainingSpec
 
@@ -60,8 +60,8 @@ def main_train(argv: list[str]) -> int:
 
 
 def _run(spec: TrainingSpec, args: argparse.Namespace) -> int:
+    from forseti.core.sealing.keyring import KeyringError, load_keyring
     from forseti.exporters.errors import ExportError
-    from forseti.server.security.keyring import KeyringError, load_keyring
 
     from .checkpoint import CheckpointError
     from .gate import GateError
@@ -110,6 +110,6 @@ def _run(spec: TrainingSpec, args: argparse.Namespace) -> int:
 def _open_audit(spec: TrainingSpec) -> AuditLog | None:
     if spec.server.audit_log is None:
         return None
-    from forseti.server.security.audit import AuditLog
+    from forseti.core.audit import AuditLog
 
     return AuditLog.open(spec.server.audit_log, component="trainer")

@@ -107,7 +107,7 @@ def onnx_actor(onnx_bytes: bytes) -> Actor:
 
 def gguf_actor(gguf_bytes: bytes) -> Actor:
     """Act with the server's own numpy GGUF policy runner (the gguf backend's reader)."""
-    from forseti.server.backends.gguf_backend import load_policy
+    from forseti.core.gguf.reader import load_policy
 
     network = load_policy(gguf_bytes)
 

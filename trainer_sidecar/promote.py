@@ -16,11 +16,11 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from forseti.server.durable import atomic_write
-from forseti.server.repository.layout import VERSION_MANIFEST
-from forseti.server.repository.publish import publish_version
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import SEALED_SUFFIX, seal_bytes
+from forseti.core.durable import atomic_write
+from forseti.core.repository.layout import VERSION_MANIFEST
+from forseti.core.repository.publish import publish_version
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import SEALED_SUFFIX, seal_bytes
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 from tritonclient.utils import InferenceServerException
 
+from forseti.core.repository.layout import version_dirs
+from forseti.core.sealing.keyring import Keyring
 from forseti.exporters.checked_policy import export_checked_policy
 from forseti.exporters.errors import ExportError
 from forseti.exporters.gguf_check import checked_gguf
@@ -29,8 +31,6 @@ from forseti.exporters.model_config import policy_config_text
 from forseti.exporters.policy_description import (
     PolicyDescription,
 )
-from forseti.server.repository.layout import version_dirs
-from forseti.server.security.keyring import Keyring
 
 from . import checkpoint as checkpoints
 from .algorithms import build_model, make_env, pin_schedule, vec_normalize_of

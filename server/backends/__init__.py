@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from forseti.core.errors import ModelLoadError
+from forseti.core.repository.config import ModelSpec
 from forseti.server.backends.base import Backend
-from forseti.server.errors import ModelLoadError
-from forseti.server.repository.config import ModelSpec
 
 
 def create_backend(spec: ModelSpec, model_bytes: bytes) -> Backend:

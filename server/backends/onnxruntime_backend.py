@@ -9,9 +9,9 @@ import numpy as np
 import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2 as mc
 
-from forseti.server.errors import ModelLoadError, library_failure
-from forseti.server.protocol.datatypes import ORT_TYPE_NAMES
-from forseti.server.repository.config import ModelSpec, TensorSpec, parameter
+from forseti.core.datatypes import ORT_TYPE_NAMES
+from forseti.core.errors import ModelLoadError, library_failure
+from forseti.core.repository.config import ModelSpec, TensorSpec, parameter
 
 log = logging.getLogger(__name__)
 

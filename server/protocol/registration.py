@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2_grpc as pbg
 
-from forseti.server.errors import new_request_id, with_request_id
+from forseti.core.errors import new_request_id, with_request_id
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
 import forseti
-from forseti.server.errors import (
+from forseti.core.errors import (
     FailedPrecondition,
     ForsetiError,
     InvalidArgument,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from forseti.server.errors import InvalidArgument
-from forseti.server.protocol.datatypes import BY_DTYPE, BY_NAME
-from forseti.server.repository.config import ModelSpec, TensorSpec
+from forseti.core.datatypes import BY_DTYPE, BY_NAME
+from forseti.core.errors import InvalidArgument
+from forseti.core.repository.config import ModelSpec, TensorSpec
 
 _UNSUPPORTED_INPUT_PARAMS = ("shared_memory_region", "shared_memory_byte_size")
 _UNSUPPORTED_OUTPUT_PARAMS = ("classification", "shared_memory_region")

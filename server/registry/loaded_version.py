@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from forseti.core.repository.config import ModelSpec
 from forseti.server.backends.base import Backend
 from forseti.server.protocol.tensors import ResponseBuilder
-from forseti.server.repository.config import ModelSpec
 from forseti.server.scheduler.direct import DirectScheduler
 from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
 from forseti.server.stats import VersionStats

@@ -17,30 +17,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forseti.server.backends import create_backend
-from forseti.server.backends.base import Backend
-from forseti.server.errors import ModelLoadError, NotFound, Unavailable, shown
-from forseti.server.registry.loaded_version import LoadedVersion
-from forseti.server.registry.warmup import warm_up
-from forseti.server.repository.config import (
+from forseti.core.audit import AuditError, AuditLog
+from forseti.core.errors import ModelLoadError, NotFound, Unavailable, shown
+from forseti.core.repository.config import (
     CONFIG_FILENAME,
     ModelSpec,
     model_spec,
     parameter,
     read_model_config,
 )
-from forseti.server.repository.layout import (
+from forseti.core.repository.layout import (
     find_artifact,
     is_hidden,
     list_models,
     select_versions,
     version_dirs,
 )
+from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import SealError, open_sealed, peek_key_id
+from forseti.server.backends import create_backend
+from forseti.server.backends.base import Backend
+from forseti.server.registry.loaded_version import LoadedVersion
+from forseti.server.registry.warmup import warm_up
 from forseti.server.scheduler.direct import INLINE_BUDGET_NS, DirectScheduler
 from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
-from forseti.server.security.audit import AuditError, AuditLog
-from forseti.server.security.keyring import Keyring
-from forseti.server.security.sealed import SealError, open_sealed, peek_key_id
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 
+from forseti.core.errors import ModelLoadError, library_failure
+from forseti.core.repository.config import ModelSpec
 from forseti.server.backends.base import Backend
-from forseti.server.errors import ModelLoadError, library_failure
-from forseti.server.repository.config import ModelSpec
 
 
 def _zeros(spec: ModelSpec, batch: int) -> dict[str, np.ndarray]:

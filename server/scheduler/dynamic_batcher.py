@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from forseti.core.errors import InvalidArgument, ModelLoadError, ResourceExhausted, Unavailable
+from forseti.core.repository.config import ModelSpec
 from forseti.server.backends.base import Backend
-from forseti.server.errors import InvalidArgument, ModelLoadError, ResourceExhausted, Unavailable
-from forseti.server.repository.config import ModelSpec
 from forseti.server.scheduler.result import ExecutionResult
 from forseti.server.stats import VersionStats
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from forseti.server.errors import new_request_id, with_request_id
+from forseti.core.errors import new_request_id, with_request_id
 
 log = logging.getLogger(__name__)
 

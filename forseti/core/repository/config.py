@@ -9,8 +9,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from forseti.server.errors import ModelLoadError
-from forseti.server.protocol.datatypes import BY_CONFIG_TYPE, TritonType
+from forseti.core.datatypes import BY_CONFIG_TYPE, TritonType
+from forseti.core.errors import ModelLoadError
 
 CONFIG_FILENAME = "config.pbtxt"
 

@@ -13,8 +13,8 @@ import struct
 
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
-from forseti.server.backends import gguf_policy_format as fmt
-from forseti.server.errors import ModelLoadError
+from forseti.core.errors import ModelLoadError
+from forseti.core.gguf import policy_format as fmt
 
 WEIGHT_QTYPES = {
     GGMLQuantizationType.F32,

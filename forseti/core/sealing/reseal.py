@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ..durable import atomic_output
+from forseti.core.durable import atomic_output
+
 from .key_rotation import read_header_key
 from .keyring import Keyring
 from .sealed import (

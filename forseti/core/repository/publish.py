@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from forseti.server.repository.layout import version_dirs
+from forseti.core.repository.layout import version_dirs
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from forseti.server.errors import ModelLoadError
-from forseti.server.security.sealed import SEALED_SUFFIX
+from forseti.core.errors import ModelLoadError
+from forseti.core.sealing.sealed import SEALED_SUFFIX
 
 # A version folder's description of where it came from (written by the trainer): plain JSON
 # with no secret in it, never a model file, so it is neither sealed nor served.

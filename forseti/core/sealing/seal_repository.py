@@ -6,7 +6,8 @@ import logging
 import re
 from pathlib import Path
 
-from ..repository.layout import VERSION_MANIFEST
+from forseti.core.repository.layout import VERSION_MANIFEST
+
 from .keyring import Keyring
 from .sealed import SEALED_SUFFIX, SealError, seal_file
 

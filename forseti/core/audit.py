@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
-from ..durable import fsync_dir
+from forseti.core.durable import fsync_dir
 
 logger = logging.getLogger(__name__)
 

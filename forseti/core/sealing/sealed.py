@@ -37,7 +37,8 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..durable import atomic_output, atomic_write
+from forseti.core.durable import atomic_output, atomic_write
+
 from .keyring import Keyring, KeyringError
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..durable import atomic_write
+from forseti.core.durable import atomic_write
 
 logger = logging.getLogger(__name__)
 
