@@ -199,7 +199,7 @@ def model_config(family: Family, variant: str) -> str:
 def build_repository(root: Path, families: list[Family], variants: list[str]) -> tuple[Path, Path]:
     """(repository, keyring file): every family x variant, sealed with a fresh keyring."""
     from forseti.core.sealing.keyring import Keyring
-    from tests.model_builders import publish_sealed, write_config
+    from testkit.model_builders import publish_sealed, write_config
 
     keyring_path = root / "keyring.json"
     keyring = Keyring.generate()
@@ -310,7 +310,7 @@ class Row:
 
 
 def run_benchmark(args: argparse.Namespace) -> list[Row]:
-    from tests.server_process import ServerProcess
+    from testkit.server_process import ServerProcess
 
     families = [FAMILIES[f] for f in args.families]
     variants = args.variants

@@ -180,8 +180,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from forseti.core.sealing.keyring import Keyring
-    from tests.model_builders import publish_sealed, write_config
-    from tests.server_process import ServerProcess
+    from testkit.model_builders import publish_sealed, write_config
+    from testkit.server_process import ServerProcess
 
     try:
         desc, artifacts = build_artifacts()

@@ -400,7 +400,7 @@ class EmptyFloorProcess:
     """`python -m loadtests.empty_servicer` on a free port."""
 
     def __init__(self, workdir: Path) -> None:
-        from tests.server_process import free_port
+        from testkit.server_process import free_port
 
         self.port = free_port()
         self.log_path = workdir / f"empty-{self.port}.log"
@@ -435,7 +435,7 @@ class EmptyFloorProcess:
 def build_policy_repository(root: Path) -> tuple[Path, Path, bytes]:
     """(repository, keyring file, plaintext model bytes) for the sealed policy model."""
     from forseti.core.sealing.keyring import Keyring
-    from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
+    from testkit.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
 
     keyring_path = root / "keyring.json"
     keyring = Keyring.generate()
@@ -495,7 +495,7 @@ class OrtFloor:
 
         from forseti.core.repository.config import parse_config_text
         from forseti.server.backends.onnxruntime_backend import _session_options, choose_providers
-        from tests.model_builders import POLICY_CONFIG
+        from testkit.model_builders import POLICY_CONFIG
 
         config = parse_config_text(POLICY_CONFIG, MODEL)
         providers = choose_providers(config, ort.get_available_providers())
@@ -622,7 +622,7 @@ def print_report(summary: dict, rounds: list[Round], args: argparse.Namespace) -
 
 
 def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[Round]]:
-    from tests.server_process import ServerProcess
+    from testkit.server_process import ServerProcess
 
     levels = sorted({int(x) for x in args.levels.split(",")})
     with tempfile.TemporaryDirectory(prefix="forseti-bench-") as tmp:

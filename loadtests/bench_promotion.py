@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from forseti.trainer_sidecar.algorithms import vec_normalize_of
     from forseti.trainer_sidecar.gate import onnx_actor, play_episodes, server_actor
     from forseti.trainer_sidecar.spec import load_spec
-    from tests.server_process import ServerProcess
+    from testkit.server_process import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="forseti-bench-promotion-") as tmp:
         root = Path(tmp)

@@ -3,7 +3,7 @@ judge of what the server answered.
 
 Shared by `tests/test_fuzz.py` (fixed seed, bounded count, in CI) and `loadtests/fuzz_run.py`
 (10,000+ of each kind, prints a table). Both run against the standard test repository of
-`tests/model_builders.build_repository`: `policy`, `simple` and `all_types`.
+`testkit/model_builders.build_repository`: `policy`, `simple` and `all_types`.
 
 A generated request is a `Case`: the exact bytes that go on the wire (so it can hold what
 protobuf refuses to build, such as invalid UTF-8 in a string field, or no message at all) and
@@ -51,7 +51,7 @@ STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # The server's default --max-request-bytes (8 MiB): a bigger message is refused by gRPC.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
-# ---- the models of tests/model_builders.build_repository --------------------------------------
+# ---- the models of testkit/model_builders.build_repository --------------------------------------
 
 # Triton datatype -> (numpy dtype, InferTensorContents field; None: raw only), per the protocol.
 DATATYPES: dict[str, tuple[np.dtype, str | None]] = {

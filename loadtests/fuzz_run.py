@@ -3,7 +3,7 @@
 What it does, in one run:
 
 * builds a temporary sealed repository with the standard test models (`policy`, `simple`,
-  `all_types` of `tests/model_builders.py`) and starts the real `forseti serve` on free
+  `all_types` of `testkit/model_builders.py`) and starts the real `forseti serve` on free
   loopback ports (explicit mode, every model loaded);
 * checks each model answers a valid request, then sends a warm-up batch (the biggest
   messages of the run, then drawn ones, unary and stream);
@@ -104,7 +104,7 @@ class Fuzzer:
 
     def __init__(self, workdir: Path, deadline: float) -> None:
         from forseti.core.sealing.keyring import Keyring
-        from tests.model_builders import build_repository
+        from testkit.model_builders import build_repository
 
         self.workdir = workdir
         self.deadline = deadline
@@ -124,7 +124,7 @@ class Fuzzer:
         self.start()
 
     def start(self) -> None:
-        from tests.server_process import ServerProcess
+        from testkit.server_process import ServerProcess
 
         self.server = ServerProcess(
             self.repo,

@@ -11,7 +11,7 @@ What it does, per control mode (`--mode explicit|poll|both`):
   GIL-bound on a 2-CPU box), each thread with its own `tritonclient.grpc` client and
   connection; every answer is recorded with its start/end time, `model_version` and action;
 * measures a steady window first (no swaps), then publishes `--swaps` new versions one after
-  the other, each with `tests.model_builders.publish_sealed` (hidden temporary folder, then
+  the other, each with `testkit.model_builders.publish_sealed` (hidden temporary folder, then
   one rename): version N is `policy_onnx(N)`, whose action is N % 4, so every answer names
   the version that produced it twice. Explicit mode calls RepositoryModelLoad after each
   publish; poll mode only waits. The next version is published once every client has been
@@ -415,8 +415,8 @@ def run_mode(
     import psutil
 
     from forseti.core.sealing.keyring import Keyring
-    from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
-    from tests.server_process import ServerProcess
+    from testkit.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
+    from testkit.server_process import ServerProcess
 
     workdir = workdir / mode
     workdir.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from forseti.core.sealing.keyring import Keyring
-from tests.model_builders import build_repository
-from tests.server_process import ServerProcess
+from testkit.model_builders import build_repository
+from testkit.server_process import ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,8 @@ from forseti.core.audit import (
     verify_file,
 )
 from forseti.core.sealing.keyring import Keyring
-from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
-from tests.server_process import run_forseti
+from testkit.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
+from testkit.server_process import run_forseti
 from tests.test_swap import infer_policy
 
 N_RECORDS = 7  # plus the audit.open line: 8 lines

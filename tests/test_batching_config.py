@@ -7,7 +7,7 @@ import pytest
 from forseti.core.errors import ModelLoadError
 from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.scheduler.dynamic_batcher import BatchingSpec
-from tests.model_builders import POLICY_CONFIG
+from testkit.model_builders import POLICY_CONFIG
 
 
 def settings(extra: str, config: str = POLICY_CONFIG) -> BatchingSpec:

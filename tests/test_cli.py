@@ -12,8 +12,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from forseti.core.sealing.keyring import Keyring
-from tests.model_builders import POLICY_CONFIG, policy_onnx, write_config
-from tests.server_process import run_forseti
+from testkit.model_builders import POLICY_CONFIG, policy_onnx, write_config
+from testkit.server_process import run_forseti
 
 
 def test_help_lists_every_command() -> None:

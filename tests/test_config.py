@@ -8,7 +8,7 @@ import pytest
 
 from forseti.core.errors import ModelLoadError
 from forseti.core.repository.config import model_spec, parse_config_text, read_model_config
-from tests.model_builders import POLICY_CONFIG, SIMPLE_CONFIG
+from testkit.model_builders import POLICY_CONFIG, SIMPLE_CONFIG
 
 
 def test_policy_config_gives_batched_spec_with_typed_tensors() -> None:

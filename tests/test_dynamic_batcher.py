@@ -12,7 +12,7 @@ from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
 from forseti.server.stats import VersionStats
-from tests.model_builders import POLICY_CONFIG, policy_onnx
+from testkit.model_builders import POLICY_CONFIG, policy_onnx
 
 PREFERRED = (
     "dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 100000 }"

@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 from tritonclient.utils import InferenceServerException
 
 from forseti.core.sealing.keyring import Keyring
-from tests.model_builders import SIMPLE_CONFIG, publish_sealed, simple_onnx, write_config
+from testkit.model_builders import SIMPLE_CONFIG, publish_sealed, simple_onnx, write_config
 from tests.test_shutdown import SLOW_CONFIG, WIDTH, slow_onnx
 
 BATCHED_SIMPLE = SIMPLE_CONFIG.replace("max_batch_size: 8", "max_batch_size: 64") + (

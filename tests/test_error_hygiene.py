@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import seal_bytes
 from forseti.server.protocol.registration import add_servicer
-from tests.model_builders import (
+from testkit.model_builders import (
     OBS_DIM,
     POLICY_CONFIG,
     build_repository,
@@ -28,7 +28,7 @@ from tests.model_builders import (
     publish_sealed,
     write_config,
 )
-from tests.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 
 # Distinctive values: if one of them shows up in a message, it was copied from the request.
 MARKER_VALUE = 4242.125

@@ -33,7 +33,7 @@ from forseti.trainer_sidecar import checkpoint as trainer_checkpoint
 from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
 from forseti.trainer_sidecar.checkpoint import save_checkpoint
 from forseti.trainer_sidecar.spec import load_spec
-from tests.server_process import run_forseti
+from testkit.server_process import run_forseti
 
 RUN_NAME = "cartpole-ppo"
 # A small PPO run with observation normalisation, so the statistics must travel into the export.

@@ -31,8 +31,8 @@ from forseti.core.repository.publish import TEMP_PREFIX
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import seal_bytes
 from loadtests.swap_under_load import Calls, ClientPool
-from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
-from tests.server_process import ServerProcess
+from testkit.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
+from testkit.server_process import ServerProcess
 from tests.test_shutdown import SLOW_CONFIG, WIDTH, slow_onnx
 from tests.test_swap import index_entries, infer_policy, wait_for
 
@@ -137,7 +137,7 @@ SLOW_PUBLISHER = """
 import os, sys, time
 from pathlib import Path
 from forseti.core.sealing.keyring import Keyring
-from tests.model_builders import policy_onnx, publish_sealed
+from testkit.model_builders import policy_onnx, publish_sealed
 
 repo, keyring_path = Path(sys.argv[1]), Path(sys.argv[2])
 chunk, pause = int(sys.argv[3]), float(sys.argv[4])

@@ -29,8 +29,8 @@ from forseti.exporters.onnx_export import export_onnx
 from forseti.exporters.parity import rollout_observations, sample_observations
 from forseti.exporters.policy_description import PolicyDescription, describe_policy
 from forseti.server.backends.gguf_backend import GGUFPolicyBackend
-from tests.model_builders import publish_sealed, write_config
-from tests.server_process import ServerProcess
+from testkit.model_builders import publish_sealed, write_config
+from testkit.server_process import ServerProcess
 
 GGUF = "model.gguf"
 

@@ -25,8 +25,8 @@ from forseti.core.sealing.keyring import (
     load_keyring,
 )
 from forseti.core.sealing.sealed import open_sealed, seal_bytes
-from tests.model_builders import build_repository, policy_onnx
-from tests.server_process import ServerProcess, run_forseti
+from testkit.model_builders import build_repository, policy_onnx
+from testkit.server_process import ServerProcess, run_forseti
 from tests.test_swap import infer_policy
 
 # ---- where the keyring comes from ---------------------------------------------------------

@@ -7,7 +7,7 @@ from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.scheduler.direct import DirectScheduler
 from forseti.server.stats import VersionStats
-from tests.model_builders import POLICY_CONFIG, policy_onnx
+from testkit.model_builders import POLICY_CONFIG, policy_onnx
 
 
 def make_version() -> LoadedVersion:

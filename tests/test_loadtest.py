@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.server_process import free_port, run_forseti
+from testkit.server_process import free_port, run_forseti
 
 GENEROUS = ["--p99-ms", "5000"]  # a target any loaded CI box meets
 

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.model_builders import OBS_DIM
+from testkit.model_builders import OBS_DIM
 
 POLICY = '{model="policy",version="1"}'
 TRITON_METRICS = [

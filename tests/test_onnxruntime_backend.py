@@ -15,7 +15,7 @@ from forseti.server.backends.onnxruntime_backend import (
     instance_count,
 )
 from forseti.server.registry.warmup import warm_up
-from tests.model_builders import POLICY_CONFIG, policy_onnx
+from testkit.model_builders import POLICY_CONFIG, policy_onnx
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -20,17 +20,17 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 import forseti
 from forseti.core.sealing.keyring import Keyring
-from tests.model_builders import (
+from testkit.model_builders import (
     ALL_TYPES,
     OBS_DIM,
     POLICY_CONFIG,
-    _model_bytes,
     build_repository,
+    onnx_model_bytes,
     policy_onnx,
     publish_sealed,
     write_config,
 )
-from tests.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 
 POLICY_ACTION = 1  # policy v1 in the standard repository answers action == 1 % 4
 TYPE_NAMES = [name for name, _, _ in ALL_TYPES]
@@ -95,7 +95,7 @@ def identity_repository_model(repo: Path, name: str, type_names: list[str], keyr
         nodes.append(helper.make_node("Identity", [f"IN_{t}"], [f"OUT_{t}"]))
         inputs.append(helper.make_tensor_value_info(f"IN_{t}", onnx_type[t], ["batch", 3]))
         outputs.append(helper.make_tensor_value_info(f"OUT_{t}", onnx_type[t], ["batch", 3]))
-    model = _model_bytes(helper.make_graph(nodes, name, inputs, outputs))
+    model = onnx_model_bytes(helper.make_graph(nodes, name, inputs, outputs))
     ins = ", ".join(
         f'{{ name: "IN_{t}" data_type: {config_type[t]} dims: [ 3 ] }}' for t in type_names
     )

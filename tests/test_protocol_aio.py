@@ -13,7 +13,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from tests.model_builders import OBS_DIM
+from testkit.model_builders import OBS_DIM
 
 POLICY_ACTION = 1  # policy v1 in the standard repository answers action == 1 % 4
 

@@ -27,8 +27,8 @@ from forseti.core.sealing.sealed import (
     parse_header,
     seal_stream,
 )
-from tests.model_builders import policy_onnx, publish_sealed
-from tests.server_process import run_forseti
+from testkit.model_builders import policy_onnx, publish_sealed
+from testkit.server_process import run_forseti
 from tests.test_swap import infer_policy, wait_for
 
 

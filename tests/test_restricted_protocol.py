@@ -36,9 +36,9 @@ from forseti.server.security.restricted import (
     parse_restriction,
 )
 from forseti.server.security.tls import GrpcTlsOptions, grpc_server_credentials
-from tests.certificates import make_certificates
-from tests.model_builders import OBS_DIM, build_repository
-from tests.server_process import ServerProcess
+from testkit.certificates import make_certificates
+from testkit.model_builders import OBS_DIM, build_repository
+from testkit.server_process import ServerProcess
 
 # Fresh random tokens each run, so finding one in a log can only mean it leaked.
 TOKENS = {protocol: f"{protocol}-{secrets.token_urlsafe(18)}" for protocol in PROTOCOLS}

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from forseti.core.sealing.keyring import Keyring
-from tests.model_builders import (
+from testkit.model_builders import (
     POLICY_CONFIG,
     all_types_onnx,
     policy_onnx,

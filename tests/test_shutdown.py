@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper, numpy_helper
 
 from forseti.core.sealing.keyring import Keyring
-from tests.model_builders import _model_bytes, publish_sealed, write_config
+from testkit.model_builders import onnx_model_bytes, publish_sealed, write_config
 
 WIDTH = 1024
 LAYERS = 24
@@ -43,7 +43,7 @@ def slow_onnx() -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", WIDTH])],
         [numpy_helper.from_array(w, "w")],
     )
-    return _model_bytes(graph)
+    return onnx_model_bytes(graph)
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from tritonclient.utils import InferenceServerException
 
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import seal_bytes
-from tests.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
-from tests.server_process import ServerProcess
+from testkit.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
+from testkit.server_process import ServerProcess
 
 THREADS = 4
 SEALED = "model.onnx.sealed"

@@ -27,10 +27,10 @@ from forseti.server.security.tls import (
     is_loopback,
     metrics_ssl_context,
 )
-from tests import certificates
-from tests.certificates import Certificates, make_certificates
-from tests.model_builders import OBS_DIM, build_repository
-from tests.server_process import ServerProcess
+from testkit import certificates
+from testkit.certificates import Certificates, make_certificates
+from testkit.model_builders import OBS_DIM, build_repository
+from testkit.server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from forseti.core.repository.layout import version_dirs
+from testkit.server_process import ServerProcess, run_forseti
 
-from .server_process import ServerProcess, run_forseti
 from .training_specs import PPO_CARTPOLE, write_spec
 
 

@@ -14,8 +14,7 @@ from forseti.core.sealing.keyring import Keyring
 from forseti.trainer_sidecar.gate import play_episodes, server_actor
 from forseti.trainer_sidecar.run import TrainingRun
 from forseti.trainer_sidecar.spec import load_spec
-
-from .server_process import ServerProcess
+from testkit.server_process import ServerProcess
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cartpole_ppo.toml"
 TOTAL = 76_800  # 300 rollouts of 32 x 8; the example's full 102,400 is the demo's

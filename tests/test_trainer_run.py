@@ -33,9 +33,9 @@ from forseti.trainer_sidecar.gate import evaluate_gate, onnx_actor
 from forseti.trainer_sidecar.promote import PromotionError, promote
 from forseti.trainer_sidecar.run import RunResult, TrainingRun
 from forseti.trainer_sidecar.spec import TrainingSpec, load_spec
+from testkit.certificates import make_certificates
+from testkit.server_process import ServerProcess
 
-from .certificates import make_certificates
-from .server_process import ServerProcess
 from .training_specs import PPO_CARTPOLE, SAC_PENDULUM, write_spec
 
 pytestmark = pytest.mark.slow

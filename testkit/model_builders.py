@@ -58,7 +58,8 @@ ALL_TYPES = [
 ]
 
 
-def _model_bytes(graph: onnx.GraphProto) -> bytes:
+def onnx_model_bytes(graph: onnx.GraphProto) -> bytes:
+    """The checked ONNX model (opset 17, IR 8) of `graph`, serialised."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -93,7 +94,7 @@ def policy_onnx(tag: int, hidden: int = 32, obs_dim: int = OBS_DIM) -> bytes:
             numpy_helper.from_array(b2, "b2"),
         ],
     )
-    return _model_bytes(graph)
+    return onnx_model_bytes(graph)
 
 
 def simple_onnx() -> bytes:
@@ -114,7 +115,7 @@ def simple_onnx() -> bytes:
             helper.make_tensor_value_info("OUTPUT1", TensorProto.INT32, shape),
         ],
     )
-    return _model_bytes(graph)
+    return onnx_model_bytes(graph)
 
 
 def all_types_onnx() -> bytes:
@@ -124,7 +125,7 @@ def all_types_onnx() -> bytes:
         nodes.append(helper.make_node("Identity", [f"IN_{name}"], [f"OUT_{name}"]))
         inputs.append(helper.make_tensor_value_info(f"IN_{name}", onnx_type, ["batch", 3]))
         outputs.append(helper.make_tensor_value_info(f"OUT_{name}", onnx_type, ["batch", 3]))
-    return _model_bytes(helper.make_graph(nodes, "all_types", inputs, outputs))
+    return onnx_model_bytes(helper.make_graph(nodes, "all_types", inputs, outputs))
 
 
 def all_types_config() -> str:
