@@ -26,15 +26,16 @@ from forseti.core.sealing.sealed import SEALED_SUFFIX
 if TYPE_CHECKING:
     from forseti.core.sealing.keyring import Keyring
     from forseti.exporters.policy_description import PolicyDescription
-    from forseti.trainer_sidecar.checkpoint import LoadedCheckpoint
+    from forseti.trainer_sidecar.checkpoint_format import LoadedCheckpoint
     from forseti.trainer_sidecar.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "safetensors", "gguf")
 GGUF_TYPES = ("F32", "F16", "Q8_0")
-# The trainer's checkpoint layout (trainer_sidecar/checkpoint.py: CHECKPOINTS_DIR and the sealed
-# STATE_FILE), named here so that telling a checkpoint from a safetensors file imports no torch.
+# The trainer's checkpoint layout (trainer_sidecar/checkpoint_format.py: CHECKPOINTS_DIR and
+# CHECKPOINT_MARKER), named here so that telling a checkpoint from a safetensors file imports
+# no torch.
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_MARKER = "state.json" + SEALED_SUFFIX
 # Plaintext artifacts hold the policy's weights in the clear: readable by their owner only.
@@ -313,7 +314,7 @@ def _convert_safetensors(args: argparse.Namespace) -> int:
 
 def _open_checkpoint(args: argparse.Namespace, kind: str, keyring: Keyring) -> LoadedCheckpoint:
     # Lazy on purpose: the one place exporters use the trainer (see the module docstring).
-    from forseti.trainer_sidecar.checkpoint import (
+    from forseti.trainer_sidecar.checkpoint_format import (
         CheckpointError,
         latest_valid_checkpoint,
         load_checkpoint,
@@ -400,7 +401,8 @@ def _export_policy(
 ) -> _PolicyExport:
     """Rebuild and restore the model, describe it, check parity, and make the artifact."""
     from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
-    from forseti.trainer_sidecar.checkpoint import CheckpointError, restore_checkpoint
+    from forseti.trainer_sidecar.checkpoint_format import CheckpointError
+    from forseti.trainer_sidecar.checkpoint_sb3 import restore_checkpoint
 
     from .checked_policy import export_checked_policy
     from .errors import ExportError

@@ -1,4 +1,5 @@
-"""Sealed safetensors checkpoints and resume (trainer_sidecar/checkpoint.py), on real SB3 runs."""
+"""Sealed safetensors checkpoints and resume (trainer_sidecar/checkpoint_format.py and
+checkpoint_sb3.py), on real SB3 runs."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from forseti.core.repository.layout import version_dirs
 from forseti.core.sealing.keyring import Keyring
-from forseti.trainer_sidecar.checkpoint import (
+from forseti.trainer_sidecar.checkpoint_format import (
     CHECKPOINTS_DIR,
     STALE_TEMP_SECONDS,
     CheckpointError,
@@ -32,6 +33,9 @@ from forseti.trainer_sidecar.checkpoint import (
     LoadedCheckpoint,
     latest_valid_checkpoint,
     load_checkpoint,
+)
+from forseti.trainer_sidecar.checkpoint_sb3 import (
+    check_compatible,
     restore_checkpoint,
     resume_latest,
     save_checkpoint,
@@ -40,7 +44,8 @@ from forseti.trainer_sidecar.checkpoint import (
 RUN = "cartpole-run"
 SPEC = {"model": "cartpole_policy", "env": {"id": "CartPole-v1"}, "algorithm": {"name": "PPO"}}
 SPEC_HASH = "0123456789abcdef"
-LOGGER = "forseti.trainer_sidecar.checkpoint"
+# Skipped checkpoints are logged where they are opened.
+LOGGER = "forseti.trainer_sidecar.checkpoint_format"
 
 
 def make_ppo(seed: int = 0, net_arch: list[int] | None = None) -> PPO:
@@ -105,8 +110,17 @@ def save(model: BaseAlgorithm, run_dir: Path, keyring: Keyring, **kwargs: Any) -
     return save_checkpoint(model, run_dir, keyring, run_name=RUN, spec=SPEC, **kwargs)
 
 
-def latest(run_dir: Path, keyring: Keyring, **kwargs: Any) -> LoadedCheckpoint | None:
+def latest(
+    run_dir: Path,
+    keyring: Keyring,
+    model: BaseAlgorithm | None = None,
+    vec_normalize: VecNormalize | None = None,
+    **kwargs: Any,
+) -> LoadedCheckpoint | None:
+    """The newest usable checkpoint; given ``model``, the newest that also fits it."""
     kwargs.setdefault("spec_hash", SPEC_HASH)
+    if model is not None:
+        kwargs["check"] = lambda loaded: check_compatible(model, loaded, vec_normalize)
     return latest_valid_checkpoint(run_dir, keyring, run_name=RUN, **kwargs)
 
 
@@ -517,7 +531,7 @@ _WRITER = textwrap.dedent(
     from pathlib import Path
     from stable_baselines3 import PPO
     from forseti.core.sealing.keyring import Keyring
-    from forseti.trainer_sidecar.checkpoint import save_checkpoint
+    from forseti.trainer_sidecar.checkpoint_sb3 import save_checkpoint
 
     run_dir, keyring = Path(sys.argv[1]), Keyring.load(sys.argv[2])
     # Wide enough that a checkpoint takes a while to write, so the kill lands inside one.

@@ -29,9 +29,9 @@ from forseti.core.sealing.sealed import (
 from forseti.exporters import cli as export_cli
 from forseti.exporters.policy_description import evaluate
 from forseti.exporters.safetensors_export import description_from_safetensors
-from forseti.trainer_sidecar import checkpoint as trainer_checkpoint
+from forseti.trainer_sidecar import checkpoint_format as trainer_checkpoint
 from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
-from forseti.trainer_sidecar.checkpoint import save_checkpoint
+from forseti.trainer_sidecar.checkpoint_sb3 import save_checkpoint
 from forseti.trainer_sidecar.spec import load_spec
 from testkit.server_process import run_forseti
 

@@ -63,7 +63,7 @@ def _run(spec: TrainingSpec, args: argparse.Namespace) -> int:
     from forseti.core.sealing.keyring import KeyringError, load_keyring
     from forseti.exporters.errors import ExportError
 
-    from .checkpoint import CheckpointError
+    from .checkpoint_format import CheckpointError
     from .gate import GateError
     from .promote import PromotionError
     from .run import TrainingError, TrainingRun

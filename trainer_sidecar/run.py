@@ -32,8 +32,9 @@ from forseti.exporters.policy_description import (
     PolicyDescription,
 )
 
-from . import checkpoint as checkpoints
 from .algorithms import build_model, make_env, pin_schedule, vec_normalize_of
+from .checkpoint_format import CHECKPOINTS_DIR
+from .checkpoint_sb3 import resume_latest, save_checkpoint
 from .gate import GateDecision, GateError, evaluate_gate, gguf_actor, onnx_actor
 from .monitoring import TrainingMonitor, attach_logger
 from .promote import Promotion, PromotionError, promote
@@ -175,7 +176,7 @@ class TrainingRun:
             self.metrics, spec.algorithm.total_timesteps, progress=self.progress
         )
         if self.resume:
-            info = checkpoints.resume_latest(
+            info = resume_latest(
                 self.model,
                 run_dir,
                 self.keyring,
@@ -190,7 +191,7 @@ class TrainingRun:
                 log.info(
                     "resumed", extra={"checkpoint": info.number, "timesteps": info.num_timesteps}
                 )
-        elif version_dirs(run_dir / checkpoints.CHECKPOINTS_DIR):
+        elif version_dirs(run_dir / CHECKPOINTS_DIR):
             raise TrainingError(
                 f"{run_dir} already holds checkpoints of an earlier run; pass --resume to "
                 "continue it, or set checkpoint.directory to a new folder"
@@ -317,7 +318,7 @@ class TrainingRun:
         model = self.model
         assert model is not None and self.env is not None
         start = time.perf_counter()
-        info = checkpoints.save_checkpoint(
+        info = save_checkpoint(
             model,
             self.spec.checkpoint.directory,
             self.keyring,

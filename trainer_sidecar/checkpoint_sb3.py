@@ -1,34 +1,16 @@
-"""Sealed safetensors checkpoints of a stable-baselines3 run, and resuming from the newest one.
+"""A stable-baselines3 model in and out of a checkpoint: what of an algorithm is saved (its
+torch modules, variables and optimizers as SB3 itself names them, progress counters, replay
+buffer, VecNormalize statistics), whether a checkpoint fits a model, and restoring one.
 
-A checkpoint is a folder ``<run_dir>/checkpoints/<N>/`` published like a model version (a
-hidden temporary folder renamed to its number in one step, so a reader never sees half of
-one, even after kill -9). Every file in it is sealed (AES-256-GCM bound to run name, N and
-file name); nothing is ever written in plaintext, and nothing is pickled:
-
-=================================  ==========================================================
-``policy.safetensors``             module state dicts (``policy``) and torch variables
-                                   (SAC's ``log_ent_coef``), as SB3's
-                                   ``_get_torch_save_params`` names them
-``optimizer.safetensors``          optimizer state tensors (moments, Adam step counters)
-``replay_buffer.safetensors``      off-policy algorithms: the filled part of the buffer
-``vecnormalize.safetensors``       VecNormalize running statistics, when one is used
-``state.json``                     counters, algorithm progress, optimizer param groups,
-                                   the training spec and its hash, SHA-256 of every file
-=================================  ==========================================================
+The sealed folder those go into, and opening it, is checkpoint_format.py's job.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import os
-import shutil
 import time
-import uuid
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +18,22 @@ import numpy as np
 import safetensors.numpy as st_numpy
 import safetensors.torch as st_torch
 import torch
-from safetensors import SafetensorError
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecNormalize
 
-from forseti.core.repository.layout import version_dirs
-from forseti.core.repository.publish import TEMP_PREFIX, PublishError, publish_version
 from forseti.core.sealing.keyring import Keyring
-from forseti.core.sealing.sealed import SEALED_SUFFIX, SealError, open_sealed, seal_bytes
+from forseti.trainer_sidecar.checkpoint_format import (
+    OPTIMIZER_FILE,
+    POLICY_FILE,
+    REPLAY_BUFFER_FILE,
+    VECNORMALIZE_FILE,
+    CheckpointError,
+    CheckpointInfo,
+    LoadedCheckpoint,
+    latest_valid_checkpoint,
+    write_checkpoint,
+)
 from forseti.trainer_sidecar.replay_buffer_state import (
     ReplayBufferStateError,
     arrays_to_buffer,
@@ -53,18 +42,6 @@ from forseti.trainer_sidecar.replay_buffer_state import (
 )
 
 log = logging.getLogger(__name__)
-
-FORMAT = "forseti-checkpoint/1"
-CHECKPOINTS_DIR = "checkpoints"
-POLICY_FILE = "policy.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-REPLAY_BUFFER_FILE = "replay_buffer.safetensors"
-VECNORMALIZE_FILE = "vecnormalize.safetensors"
-STATE_FILE = "state.json"
-DELETE_PREFIX = ".delete-"
-# A publisher's temp folder this old was left by a killed process (one trainer owns a run dir,
-# and a checkpoint takes seconds to write), so the next save may remove it.
-STALE_TEMP_SECONDS = 600.0
 
 # Plain attributes that drive SB3's schedules (learning rate and exploration read
 # _current_progress_remaining; DQN's target updates read _n_calls; TD3's policy delay reads
@@ -78,52 +55,6 @@ PROGRESS_ATTRIBUTES = (
     "_n_calls",
     "exploration_rate",
 )
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written, opened, validated or restored.
-
-    ``reason`` says what was wrong; ``path`` is the checkpoint folder when there is one.
-    """
-
-    def __init__(self, reason: str, path: Path | None = None) -> None:
-        self.reason = reason
-        self.path = path
-        super().__init__(f"checkpoint {path}: {reason}" if path is not None else reason)
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a checkpoint is: its number, folder, progress and the spec that made it."""
-
-    number: int
-    path: Path
-    num_timesteps: int
-    counters: dict[str, int | float]
-    spec_hash: str
-    spec: dict[str, Any]
-    algorithm: str = ""
-    created: str = ""
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """An opened, authenticated and digest-checked checkpoint, held in memory."""
-
-    info: CheckpointInfo
-    state: dict[str, Any]
-    policy: dict[str, torch.Tensor] = field(repr=False)
-    optimizer: dict[str, torch.Tensor] = field(repr=False)
-    replay_buffer: dict[str, np.ndarray] | None = field(default=None, repr=False)
-    vec_normalize: dict[str, np.ndarray] | None = field(default=None, repr=False)
-
-    def module_state_dict(self, name: str = "policy") -> dict[str, torch.Tensor]:
-        """The saved state dict of one module (``policy`` by default), e.g. for an exporter."""
-        prefix = f"{name}/"
-        found = {k[len(prefix) :]: v for k, v in self.policy.items() if k.startswith(prefix)}
-        if not found:
-            raise CheckpointError(f"no module {name!r} in this checkpoint", self.info.path)
-        return found
 
 
 # --- gathering the model's torch objects -------------------------------------------------------
@@ -268,24 +199,9 @@ def _vec_normalize_config(vec_normalize: VecNormalize) -> dict[str, Any]:
 # --- saving -------------------------------------------------------------------------------------
 
 
-def _checked_counters(counters: dict[str, Any]) -> dict[str, int | float]:
-    checked: dict[str, int | float] = {}
-    for key, value in counters.items():
-        if not isinstance(key, str) or isinstance(value, bool):
-            raise CheckpointError(f"counter {key!r}={value!r}: counters map names to numbers")
-        if not isinstance(value, int | float):
-            raise CheckpointError(f"counter {key!r}={value!r}: counters map names to numbers")
-        checked[key] = value
-    return checked
-
-
 def _plain(value: Any) -> Any:
     # numpy scalars (an exploration schedule may return one) are not JSON.
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def save_checkpoint(
@@ -303,26 +219,20 @@ def save_checkpoint(
 ) -> CheckpointInfo:
     """Write the next sealed checkpoint of ``model`` atomically, then keep only the newest
     ``keep``. Raises CheckpointError; on error no new checkpoint becomes visible."""
-    if keep < 1:
-        raise CheckpointError(f"keep={keep}: at least the newest checkpoint must be kept")
     started = time.perf_counter()
-    run_dir = Path(run_dir)
     objects = _torch_objects(model)
     optimizer_tensors, optimizer_meta = _optimizer_payload(objects)
-    plaintexts: dict[str, bytes] = {
+    files: dict[str, bytes] = {
         POLICY_FILE: st_torch.save(_policy_tensors(objects)),
         OPTIMIZER_FILE: st_torch.save(optimizer_tensors),
     }
     state: dict[str, Any] = {
-        "format": FORMAT,
-        "run_name": run_name,
         "algorithm": type(model).__name__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "num_timesteps": int(model.num_timesteps),
         "progress": {
             a: _plain(getattr(model, a)) for a in PROGRESS_ATTRIBUTES if hasattr(model, a)
         },
-        "counters": _checked_counters(counters),
+        "counters": counters,
         "spec": spec,
         "spec_hash": spec_hash,
         "torch": {
@@ -338,219 +248,24 @@ def save_checkpoint(
             arrays, state["replay_buffer"] = buffer_to_arrays(buffer)
         except ReplayBufferStateError as exc:
             raise CheckpointError(str(exc)) from None
-        plaintexts[REPLAY_BUFFER_FILE] = st_numpy.save(arrays)
+        files[REPLAY_BUFFER_FILE] = st_numpy.save(arrays)
     if vec_normalize is not None:
-        plaintexts[VECNORMALIZE_FILE] = st_numpy.save(_vec_normalize_arrays(vec_normalize))
+        files[VECNORMALIZE_FILE] = st_numpy.save(_vec_normalize_arrays(vec_normalize))
         state["vec_normalize"] = _vec_normalize_config(vec_normalize)
-    state["files"] = {
-        name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in plaintexts.items()
-    }
-    try:
-        json.dumps(state)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"the spec, counters or optimizer settings are not plain JSON data: {exc}"
-        ) from None
-
-    def make_files(number: int) -> dict[str, bytes]:
-        # Called again with the next number if another writer took this one: seals bind it.
-        document = json.dumps({**state, "number": number}, sort_keys=True).encode("utf-8")
-        files = {**plaintexts, STATE_FILE: document}
-        return {
-            name + SEALED_SUFFIX: seal_bytes(
-                data, keyring, model=run_name, version=number, filename=name
-            )
-            for name, data in files.items()
-        }
-
-    checkpoints = run_dir / CHECKPOINTS_DIR
-    try:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        number = publish_version(checkpoints, make_files)
-    except SealError as exc:
-        raise CheckpointError(
-            f"cannot seal checkpoint files: {exc}; a replay buffer this large must be left out "
-            "(include_replay_buffer=False)"
-            if "too large" in exc.reason
-            else f"cannot seal checkpoint files: {exc}"
-        ) from None
-    except (PublishError, OSError) as exc:
-        raise CheckpointError(f"cannot write a checkpoint under {checkpoints}: {exc}") from None
-    path = checkpoints / str(number)
-    try:
-        _prune(checkpoints, keep=keep, newest=number)
-    except OSError as exc:
-        # The new checkpoint is safely written; old ones linger until a later save prunes them.
-        log.warning("cannot prune old checkpoints", extra={"dir": str(checkpoints), "error": exc})
-    seconds = time.perf_counter() - started
+    info = write_checkpoint(
+        run_dir, keyring, run_name=run_name, files=files, state=state, keep=keep
+    )
     log.info(
         "checkpoint saved",
         extra={
             "run": run_name,
-            "checkpoint": number,
-            "num_timesteps": state["num_timesteps"],
-            "bytes": sum(len(d) for d in plaintexts.values()),
-            "seconds": round(seconds, 4),
+            "checkpoint": info.number,
+            "num_timesteps": info.num_timesteps,
+            "bytes": sum(len(d) for d in files.values()),
+            "seconds": round(time.perf_counter() - started, 4),
         },
     )
-    return CheckpointInfo(
-        number=number,
-        path=path,
-        num_timesteps=state["num_timesteps"],
-        counters=state["counters"],
-        spec_hash=spec_hash,
-        spec=spec,
-        algorithm=state["algorithm"],
-        created=state["created"],
-    )
-
-
-def _remove_folder(folder: Path) -> None:
-    # Renamed out of sight first, so a kill mid-delete never leaves a half-deleted numbered
-    # checkpoint for a reader to stumble on: the hidden leftover is removed by a later save.
-    hidden = folder.parent / f"{DELETE_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(folder, hidden)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(hidden, ignore_errors=True)
-
-
-def _prune(checkpoints: Path, *, keep: int, newest: int) -> None:
-    """Remove all but the newest ``keep`` checkpoints (never ``newest``), and leftovers."""
-    numbers = sorted(version_dirs(checkpoints))
-    for number in numbers[:-keep]:
-        if number != newest:
-            _remove_folder(checkpoints / str(number))
-            log.debug("checkpoint pruned", extra={"checkpoint": number})
-    now = time.time()
-    for entry in os.scandir(checkpoints):
-        if not entry.is_dir(follow_symlinks=False):
-            continue
-        stale_temp = entry.name.startswith(TEMP_PREFIX) and (
-            now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
-        )
-        if entry.name.startswith(DELETE_PREFIX) or stale_temp:
-            shutil.rmtree(entry.path, ignore_errors=True)
-
-
-# --- opening ------------------------------------------------------------------------------------
-
-
-def _open_file(path: Path, keyring: Keyring, run_name: str, number: int, name: str) -> bytes:
-    sealed = path / (name + SEALED_SUFFIX)
-    try:
-        blob = sealed.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"missing file {sealed.name}", path) from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {sealed.name}: {exc.strerror}", path) from None
-    try:
-        return open_sealed(blob, keyring, model=run_name, version=number, filename=name)
-    except SealError as exc:
-        raise CheckpointError(f"{sealed.name}: {exc}", path) from None
-
-
-def load_checkpoint(
-    path: Path, keyring: Keyring, *, run_name: str, spec_hash: str | None = None
-) -> LoadedCheckpoint:
-    """Open one checkpoint folder in memory: every seal authenticated, every digest checked,
-    and (when given) the spec hash compared. Raises CheckpointError saying what was wrong."""
-    path = Path(path)
-    if not path.name.isdigit():
-        raise CheckpointError("a checkpoint folder is named by its number", path)
-    number = int(path.name)
-    try:
-        state = json.loads(_open_file(path, keyring, run_name, number, STATE_FILE))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{STATE_FILE} is not valid JSON: {exc.msg}", path) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise CheckpointError(f"unsupported checkpoint format {found!r}, expected {FORMAT}", path)
-    if state.get("number") != number or state.get("run_name") != run_name:
-        raise CheckpointError(
-            f"{STATE_FILE} describes checkpoint {state.get('number')} of run "
-            f"{state.get('run_name')!r}, not {number} of {run_name!r}",
-            path,
-        )
-    if spec_hash is not None and state.get("spec_hash") != spec_hash:
-        raise CheckpointError(
-            f"spec hash mismatch: made with spec {state.get('spec_hash')}, this run's spec is "
-            f"{spec_hash}; resume with the spec that made it, or start a new run directory",
-            path,
-        )
-
-    def checked(name: str) -> bytes:
-        # Seals bind the folder number, not one particular save: a file left from an earlier
-        # checkpoint that had the same number would still open, so compare digests too.
-        data = _open_file(path, keyring, run_name, number, name)
-        expected = state["files"].get(name)
-        if not isinstance(expected, dict):
-            raise CheckpointError(f"{STATE_FILE} lists no digest for {name}", path)
-        if len(data) != expected.get("bytes") or _sha256(data) != expected.get("sha256"):
-            raise CheckpointError(f"{name} does not match its SHA-256 in {STATE_FILE}", path)
-        return data
-
-    try:
-        files = state["files"]
-        policy = st_torch.load(checked(POLICY_FILE))
-        optimizer = st_torch.load(checked(OPTIMIZER_FILE))
-        replay = st_numpy.load(checked(REPLAY_BUFFER_FILE)) if REPLAY_BUFFER_FILE in files else None
-        vecnorm = st_numpy.load(checked(VECNORMALIZE_FILE)) if VECNORMALIZE_FILE in files else None
-        info = CheckpointInfo(
-            number=number,
-            path=path,
-            num_timesteps=int(state["num_timesteps"]),
-            counters=dict(state["counters"]),
-            spec_hash=str(state["spec_hash"]),
-            spec=dict(state["spec"]),
-            algorithm=str(state["algorithm"]),
-            created=str(state.get("created", "")),
-        )
-    except SafetensorError as exc:
-        raise CheckpointError(f"a tensor file does not parse as safetensors: {exc}", path) from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{STATE_FILE} is malformed: {exc!r}", path) from None
-    return LoadedCheckpoint(info, state, policy, optimizer, replay, vecnorm)
-
-
-def latest_valid_checkpoint(
-    run_dir: Path,
-    keyring: Keyring,
-    *,
-    run_name: str,
-    spec_hash: str | None = None,
-    model: BaseAlgorithm | None = None,
-    vec_normalize: VecNormalize | None = None,
-) -> LoadedCheckpoint | None:
-    """The newest checkpoint that opens and validates (and, given ``model``, fits it).
-
-    Each checkpoint that fails is logged with a warning naming its folder and the reason, and
-    the previous one is tried. Returns None when the run has no checkpoint at all; raises
-    CheckpointError, listing every reason, when it has some but none is usable.
-    """
-    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
-    folders = version_dirs(checkpoints)
-    if not folders:
-        return None
-    reasons: list[str] = []
-    for number in sorted(folders, reverse=True):
-        path = folders[number]
-        try:
-            loaded = load_checkpoint(path, keyring, run_name=run_name, spec_hash=spec_hash)
-            if model is not None:
-                check_compatible(model, loaded, vec_normalize)
-        except CheckpointError as exc:
-            log.warning("checkpoint skipped", extra={"checkpoint": str(path), "reason": exc.reason})
-            reasons.append(f"{number}: {exc.reason}")
-            continue
-        if reasons:
-            log.info("using an older checkpoint", extra={"checkpoint": str(path)})
-        return loaded
-    raise CheckpointError(
-        f"no usable checkpoint in {checkpoints} ({'; '.join(reasons)}); fix the cause, or start "
-        "a new run directory to train from scratch"
-    )
+    return info
 
 
 # --- restoring ----------------------------------------------------------------------------------
@@ -732,14 +447,16 @@ def resume_latest(
     spec_hash: str,
     vec_normalize: VecNormalize | None = None,
 ) -> CheckpointInfo | None:
-    """Restore the newest usable checkpoint into ``model``; None if the run has none yet."""
+    """Restore the newest usable checkpoint into ``model``; None if the run has none yet.
+
+    A checkpoint that does not fit ``model`` (see check_compatible) is skipped like one that
+    does not open, and the previous one is tried."""
     loaded = latest_valid_checkpoint(
         run_dir,
         keyring,
         run_name=run_name,
         spec_hash=spec_hash,
-        model=model,
-        vec_normalize=vec_normalize,
+        check=lambda loaded: check_compatible(model, loaded, vec_normalize),
     )
     if loaded is None:
         return None
