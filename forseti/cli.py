@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "train a policy, checkpoint it, and promote it into the live server if it is better",
     ),
     "export": (
-        "forseti.exporters.cli",
+        "forseti.trainer_sidecar.export_cli",
         "main_export",
         "export a checkpoint as an ONNX/safetensors/GGUF policy, or a safetensors file as GGUF",
     ),

@@ -1,5 +1,6 @@
-"""`forseti export` (exporters/cli.py) run as a real subprocess on real sealed checkpoints of a
-real SB3 model, and on a small safetensors file through the streaming GGUF converter."""
+"""`forseti export` (trainer_sidecar/export_cli.py) run as a real subprocess on real sealed
+checkpoints of a real SB3 model, and on a small safetensors file through the streaming GGUF
+converter."""
 
 from __future__ import annotations
 
@@ -26,10 +27,8 @@ from forseti.core.sealing.sealed import (
     open_sealed,
     open_sealed_stream,
 )
-from forseti.exporters import cli as export_cli
 from forseti.exporters.policy_description import evaluate
 from forseti.exporters.safetensors_export import description_from_safetensors
-from forseti.trainer_sidecar import checkpoint_format as trainer_checkpoint
 from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
 from forseti.trainer_sidecar.checkpoint_sb3 import save_checkpoint
 from forseti.trainer_sidecar.spec import load_spec
@@ -328,7 +327,7 @@ def test_converting_a_safetensors_file_never_imports_torch(tmp_path: Path) -> No
     source = tmp_path / "weights.safetensors"
     st_numpy.save_file({"w": np.ones((32, 32), np.float32)}, str(source))
     code = (
-        "import sys; from forseti.exporters.cli import main_export;"
+        "import sys; from forseti.trainer_sidecar.export_cli import main_export;"
         f"rc = main_export([{str(source)!r}, '--format', 'gguf', '-o', "
         f"{str(tmp_path / 'w.gguf')!r}, '--no-progress']);"
         "bad = [m for m in ('torch', 'stable_baselines3', 'gymnasium') if m in sys.modules];"
@@ -353,9 +352,3 @@ def test_checkpoint_without_run_name_is_a_usage_error(run: Run, tmp_path: Path) 
                     "-o", tmp_path / "out.onnx")  # fmt: skip
     assert result.returncode == 2
     assert "--run-name is required" in result.stderr
-
-
-def test_checkpoint_layout_names_match_the_trainers() -> None:
-    # The CLI names them itself so that a safetensors conversion never imports torch.
-    assert export_cli.CHECKPOINTS_DIR == trainer_checkpoint.CHECKPOINTS_DIR
-    assert export_cli.CHECKPOINT_MARKER == trainer_checkpoint.STATE_FILE + SEALED_SUFFIX

@@ -1,10 +1,11 @@
 """`forseti export`: a trainer checkpoint as an ONNX, safetensors or GGUF policy artifact, or a
 plain safetensors checkpoint (of any size) as GGUF through the streaming converter.
 
-Exporters never depend on the trainer, except here: to export a checkpoint the policy must be
-rebuilt, which needs the trainer's checkpoint loader and model builder. Those (and torch) are
-imported inside the functions that handle checkpoints only, so converting a safetensors file
-never imports torch or stable-baselines3.
+It lives with the trainer because exporting a checkpoint means rebuilding the policy from it
+(the trainer's checkpoint loader and model builder), then handing it to the exporters; the
+exporters themselves never import the trainer. torch and stable-baselines3 are imported
+inside the functions that handle checkpoints only, so converting a safetensors file never
+imports them.
 """
 
 from __future__ import annotations
@@ -23,21 +24,20 @@ from forseti.core.durable import atomic_output
 from forseti.core.logs import configure_logging
 from forseti.core.sealing.sealed import SEALED_SUFFIX
 
+# Both import no torch: telling a checkpoint from a safetensors file must not load it.
+from .checkpoint_format import CHECKPOINT_MARKER, CHECKPOINTS_DIR
+from .spec import GGUF_TYPES
+
 if TYPE_CHECKING:
     from forseti.core.sealing.keyring import Keyring
     from forseti.exporters.policy_description import PolicyDescription
-    from forseti.trainer_sidecar.checkpoint_format import LoadedCheckpoint
-    from forseti.trainer_sidecar.spec import TrainingSpec
+
+    from .checkpoint_format import LoadedCheckpoint
+    from .spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "safetensors", "gguf")
-GGUF_TYPES = ("F32", "F16", "Q8_0")
-# The trainer's checkpoint layout (trainer_sidecar/checkpoint_format.py: CHECKPOINTS_DIR and
-# CHECKPOINT_MARKER), named here so that telling a checkpoint from a safetensors file imports
-# no torch.
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_MARKER = "state.json" + SEALED_SUFFIX
 # Plaintext artifacts hold the policy's weights in the clear: readable by their owner only.
 PLAINTEXT_MODE = 0o600
 SEALED_MODE = 0o644
@@ -284,7 +284,7 @@ def _convert_safetensors(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             raise _UsageError(f"{option} applies to trainer checkpoints, not safetensors files")
-    from .gguf_stream import ConvertError, convert_checkpoint
+    from forseti.exporters.gguf_stream import ConvertError, convert_checkpoint
 
     keyring = _load_keyring(args.keyring) if args.seal else None
     try:
@@ -313,12 +313,7 @@ def _convert_safetensors(args: argparse.Namespace) -> int:
 
 
 def _open_checkpoint(args: argparse.Namespace, kind: str, keyring: Keyring) -> LoadedCheckpoint:
-    # Lazy on purpose: the one place exporters use the trainer (see the module docstring).
-    from forseti.trainer_sidecar.checkpoint_format import (
-        CheckpointError,
-        latest_valid_checkpoint,
-        load_checkpoint,
-    )
+    from .checkpoint_format import CheckpointError, latest_valid_checkpoint, load_checkpoint
 
     try:
         if kind == "checkpoint":
@@ -357,7 +352,7 @@ def _export_checkpoint(args: argparse.Namespace, kind: str) -> int:
         )
     if args.config_dir is not None and args.format == "safetensors":
         raise _UsageError("--config-dir: no backend serves safetensors; use onnx or gguf")
-    from forseti.trainer_sidecar.spec import SpecError, spec_from_dict
+    from .spec import SpecError, spec_from_dict
 
     started = time.perf_counter()
     keyring = _load_keyring(args.keyring)
@@ -400,13 +395,13 @@ def _export_policy(
     args: argparse.Namespace, spec: TrainingSpec, loaded: LoadedCheckpoint
 ) -> _PolicyExport:
     """Rebuild and restore the model, describe it, check parity, and make the artifact."""
-    from forseti.trainer_sidecar.algorithms import build_model, make_env, vec_normalize_of
-    from forseti.trainer_sidecar.checkpoint_format import CheckpointError
-    from forseti.trainer_sidecar.checkpoint_sb3 import restore_checkpoint
+    from forseti.exporters.checked_policy import export_checked_policy
+    from forseti.exporters.errors import ExportError
+    from forseti.exporters.gguf_check import checked_gguf
 
-    from .checked_policy import export_checked_policy
-    from .errors import ExportError
-    from .gguf_check import checked_gguf
+    from .algorithms import build_model, make_env, vec_normalize_of
+    from .checkpoint_format import CheckpointError
+    from .checkpoint_sb3 import restore_checkpoint
 
     # In-process envs: exporting steps no env, and worker processes would only cost start-up.
     export_spec = dataclasses.replace(
@@ -449,9 +444,12 @@ def _export_policy(
 
 def _safetensors_artifact(description: PolicyDescription, obs: np.ndarray) -> bytes:
     """The safetensors bytes, read back and evaluated against the description."""
-    from .errors import ExportError
-    from .policy_description import evaluate
-    from .safetensors_export import description_from_safetensors, export_safetensors
+    from forseti.exporters.errors import ExportError
+    from forseti.exporters.policy_description import evaluate
+    from forseti.exporters.safetensors_export import (
+        description_from_safetensors,
+        export_safetensors,
+    )
 
     artifact = export_safetensors(description)
     expected = evaluate(description, obs)
@@ -472,9 +470,8 @@ def _write_config(
     from google.protobuf import text_format
 
     from forseti.core.repository.config import CONFIG_FILENAME, DEFAULT_FILENAMES
-
-    from .errors import ExportError
-    from .model_config import policy_config
+    from forseti.exporters.errors import ExportError
+    from forseti.exporters.model_config import policy_config
 
     backend = "gguf" if args.format == "gguf" else "onnxruntime"
     try:
