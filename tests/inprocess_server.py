@@ -8,18 +8,22 @@ endpoint or the audit log. Constructors that change update here only.
         async with aioclient.InferenceServerClient(srv.url) as client:
             ...
 
+or, for a whole test body, `run_inprocess(repo, keyring, body, load=["policy"])`.
+
 The server runs on the current event loop, so a test runs client and server in one
 `asyncio.run`; it listens on 127.0.0.1 on a free port and is stopped when the block ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import tritonclient.grpc.aio as aioclient
 
 from forseti.core.sealing.keyring import Keyring
 from forseti.server.metrics import TritonMetricsCollector, exposition
@@ -90,3 +94,23 @@ async def inprocess_server(
         state.stopping = True
         await server.stop(stop_grace_s)
         registry.release_all()
+
+
+def run_inprocess(
+    repository: Path,
+    keyring: Keyring | None,
+    body: Callable[[aioclient.InferenceServerClient, InProcessServer], Awaitable],
+    **server_options,
+):
+    """Start a server, run `body(client, server)` with a tritonclient aio client connected to
+    it, stop both; returns what `body` returns. One `asyncio.run`, so one event loop."""
+
+    async def main():
+        async with contextlib.AsyncExitStack() as stack:
+            srv = await stack.enter_async_context(
+                inprocess_server(repository, keyring, **server_options)
+            )
+            client = await stack.enter_async_context(aioclient.InferenceServerClient(srv.url))
+            return await body(client, srv)
+
+    return asyncio.run(main())
