@@ -14,7 +14,6 @@ Tensor names are kept as the checkpoint has them (no llama.cpp name mapping), an
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -54,6 +53,8 @@ DEFAULT_SLICE_ELEMENTS = 4 << 20
 MAX_HEADER_BYTES = 100_000_000
 # ggml's GGML_MAX_NAME is 64 bytes including the terminating NUL.
 GGML_MAX_NAME = 63
+# general.architecture when the caller names none.
+DEFAULT_ARCH = "forseti"
 
 # safetensors dtype -> (numpy dtype the bytes are read as, bytes per element)
 _SOURCE_DTYPES: dict[str, tuple[type[np.generic], int]] = {
@@ -407,7 +408,7 @@ def convert_checkpoint(
     output: Path,
     *,
     outtype: str = "f16",
-    arch: str = "forseti",
+    arch: str = DEFAULT_ARCH,
     name: str | None = None,
     keyring: Keyring | None = None,
     model: str | None = None,
@@ -527,47 +528,3 @@ class _FileSink:
 
     def flush(self) -> None:
         self._fh.flush()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m forseti.exporters.gguf_stream CHECKPOINT OUTPUT``: convert and report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m forseti.exporters.gguf_stream",
-        description="Convert a safetensors checkpoint (file or folder of shards) to GGUF, "
-        "streaming: memory stays at a few slices whatever the model size.",
-    )
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("output", type=Path, help="the .gguf file to write")
-    parser.add_argument("--outtype", choices=sorted(OUT_TYPES), default="f16")
-    parser.add_argument("--arch", default="forseti", help="general.architecture (default forseti)")
-    parser.add_argument("--keyring", type=Path, help="seal the output while writing it")
-    parser.add_argument("--model", help="model name the seal binds (with --keyring)")
-    parser.add_argument("--version", type=int, help="version the seal binds (with --keyring)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    keyring = Keyring.load(args.keyring) if args.keyring else None
-    try:
-        result = convert_checkpoint(
-            args.checkpoint,
-            args.output,
-            outtype=args.outtype,
-            arch=args.arch,
-            keyring=keyring,
-            model=args.model,
-            version=args.version,
-            progress=False if args.no_progress else None,
-        )
-    except ConvertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"{result.output}: {result.tensors} tensors, {result.bytes_read / 1e6:.1f} MB read, "
-        f"{result.bytes_written / 1e6:.1f} MB written in {result.seconds:.2f} s "
-        f"({result.read_mb_per_s:.0f} MB/s)"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -304,6 +304,16 @@ def test_safetensors_file_converts_to_gguf_with_every_tensor_read_back(tmp_path:
         np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-3, atol=1e-3)
 
 
+def test_arch_names_the_converted_gguf_architecture(tmp_path: Path) -> None:
+    source = tmp_path / "weights.safetensors"
+    st_numpy.save_file({"w": np.ones((32, 32), np.float32)}, str(source))
+    out = tmp_path / "weights.gguf"
+    result = export(source, "--format", "gguf", "--arch", "llama", "-o", out)
+    assert result.returncode == 0, result.stderr
+    field = GGUFReader(out).fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode("utf-8") == "llama"
+
+
 def test_sealed_gguf_conversion_opens_for_its_model_and_version(
     tmp_path: Path, keyring: Keyring, keyring_path: Path
 ) -> None:
@@ -345,6 +355,13 @@ def test_safetensors_file_to_onnx_is_a_usage_error(tmp_path: Path) -> None:
     result = export(source, "--format", "onnx", "-o", tmp_path / "out.onnx")
     assert result.returncode == 2
     assert "converts only to gguf" in result.stderr
+
+
+def test_arch_with_a_checkpoint_is_a_usage_error(run: Run, tmp_path: Path) -> None:
+    result = export(run.run_dir, "--keyring", run.keyring_path, "--run-name", RUN_NAME,
+                    "--format", "gguf", "--arch", "llama", "-o", tmp_path / "out.gguf")  # fmt: skip
+    assert result.returncode == 2
+    assert "--arch applies to safetensors files" in result.stderr
 
 
 def test_checkpoint_without_run_name_is_a_usage_error(run: Run, tmp_path: Path) -> None:

@@ -140,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
         "a safetensors file); Q8_0 rows that do not split into 32-blocks stay F16",
     )
     p.add_argument(
+        "--arch",
+        metavar="NAME",
+        help="general.architecture of the GGUF converted from a safetensors file (default "
+        "forseti); a policy GGUF from a checkpoint is always forseti-policy",
+    )
+    p.add_argument(
         "--seal",
         action="store_true",
         help="write OUTPUT.sealed (AES-256-GCM with the keyring's newest key) instead of "
@@ -284,7 +290,7 @@ def _convert_safetensors(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             raise _UsageError(f"{option} applies to trainer checkpoints, not safetensors files")
-    from forseti.exporters.gguf_stream import ConvertError, convert_checkpoint
+    from forseti.exporters.gguf_stream import DEFAULT_ARCH, ConvertError, convert_checkpoint
 
     keyring = _load_keyring(args.keyring) if args.seal else None
     try:
@@ -292,6 +298,7 @@ def _convert_safetensors(args: argparse.Namespace) -> int:
             args.source,
             args.output,
             outtype=(args.gguf_type or "F16").lower(),
+            arch=args.arch or DEFAULT_ARCH,
             keyring=keyring,
             model=args.model if args.seal else None,
             version=args.version if args.seal else None,
@@ -349,6 +356,10 @@ def _export_checkpoint(args: argparse.Namespace, kind: str) -> int:
         raise _UsageError(
             "--run-name is required for a checkpoint: its seals are bound to the run name, "
             "the training spec's <model.name>-<algorithm> (e.g. cartpole-ppo)"
+        )
+    if args.arch is not None:
+        raise _UsageError(
+            "--arch applies to safetensors files; a policy GGUF's architecture is forseti-policy"
         )
     if args.config_dir is not None and args.format == "safetensors":
         raise _UsageError("--config-dir: no backend serves safetensors; use onnx or gguf")
