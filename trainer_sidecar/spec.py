@@ -60,7 +60,10 @@ class AlgorithmSpec:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class PublishedModelSpec:
+    """``[model]``: the model the run publishes into the repository (not the server's parsed
+    config.pbtxt, which is forseti.core.repository.config.ModelSpec)."""
+
     name: str
     repository: Path
     max_batch_size: int = 64
@@ -119,7 +122,7 @@ class SidecarSpec:
 @dataclass(frozen=True)
 class TrainingSpec:
     source: str
-    model: ModelSpec
+    model: PublishedModelSpec
     env: EnvSpec
     algorithm: AlgorithmSpec
     checkpoint: CheckpointSpec
@@ -287,7 +290,7 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
             raise SpecError(source, "model.formats", f"{fmt!r} is not one of {', '.join(FORMATS)}")
     if not formats:
         raise SpecError(source, "model.formats", "needs at least one format")
-    model = ModelSpec(
+    model = PublishedModelSpec(
         name=s.get("name", str),
         repository=s.path("repository", base),
         max_batch_size=s.positive("max_batch_size", 64),
