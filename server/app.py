@@ -18,10 +18,15 @@ from forseti.core.sealing.keyring import (
     keyring_from_environment,
     load_keyring,
 )
+from forseti.server.audit_trail import AuditTrail
+from forseti.server.inference import InferenceHandler
 from forseti.server.metrics import start_metrics_server
+from forseti.server.model_control import ModelControl
 from forseti.server.protocol.registration import add_servicer
 from forseti.server.protocol.servicer import ServerState, TritonServicer
+from forseti.server.registry.lifecycle import LifecycleHooks
 from forseti.server.registry.model_registry import ModelRegistry
+from forseti.server.registry.repository_watcher import RepositoryWatcher
 from forseti.server.security.restricted import (
     RestrictedProtocolInterceptor,
     RestrictedProtocols,
@@ -97,26 +102,64 @@ def _open_audit(options: ServerOptions) -> AuditLog | None:
         raise StartupError(str(exc)) from None
 
 
-async def _initial_load(registry: ModelRegistry, options: ServerOptions) -> None:
-    if options.control_mode == "poll":
-        await registry.poll_once()
-    elif options.control_mode == "none" or "*" in options.load_models:
-        await registry.load_all()
+@dataclass
+class Service:
+    """The serving parts of one server, wired together, before any front door is opened."""
+
+    registry: ModelRegistry
+    handler: InferenceHandler
+    control: ModelControl
+    watcher: RepositoryWatcher
+    audit: AuditTrail
+    state: ServerState
+
+    def servicer(self) -> TritonServicer:
+        """The gRPC front door over these parts."""
+        return TritonServicer(self.registry, self.state, self.handler, self.control)
+
+
+def assemble(
+    repository: Path,
+    keyring: Keyring | None,
+    *,
+    allow_plaintext: bool = False,
+    max_batch_size: int = 4096,
+    max_inflight: int = 1024,
+    control_mode: str = "none",
+    strict_readiness: bool = True,
+    audit: AuditLog | None = None,
+) -> Service:
+    """Wire the registry, its lifecycle listeners, the request handler and model control."""
+    trail = AuditTrail(audit)
+    hooks = LifecycleHooks()
+    hooks.subscribe(trail)
+    registry = ModelRegistry(
+        repository, keyring, allow_plaintext, max_batch_size=max_batch_size, hooks=hooks
+    )
+    return Service(
+        registry=registry,
+        handler=InferenceHandler(registry, max_inflight),
+        control=ModelControl(registry, trail, control_mode),
+        watcher=RepositoryWatcher(registry),
+        audit=trail,
+        state=ServerState(strict_readiness=strict_readiness, control_mode=control_mode),
+    )
+
+
+async def initial_load(service: Service, load_models: list[str]) -> None:
+    """What the control mode loads at start: everything, the poll's view, or the named models
+    (explicit mode; a failure is logged and the server starts anyway)."""
+    mode = service.state.control_mode
+    if mode == "poll":
+        await service.watcher.poll_once()
+    elif mode == "none" or "*" in load_models:
+        await service.registry.load_all()
     else:
-        for name in options.load_models:
+        for name in load_models:
             try:
-                await registry.load_model(name)
+                await service.registry.load_model(name)
             except Exception as exc:
                 log.warning("startup load failed", extra={"model": name, "error": str(exc)})
-
-
-async def _poll_forever(registry: ModelRegistry, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await registry.poll_once()
-        except Exception:
-            log.exception("repository poll failed")
 
 
 async def serve(options: ServerOptions) -> int:
@@ -126,17 +169,17 @@ async def serve(options: ServerOptions) -> int:
     if not options.model_repository.is_dir():
         raise StartupError(f"model repository {options.model_repository} is not a folder")
     keyring = _open_keyring(options)
-    audit = _open_audit(options)
-    registry = ModelRegistry(
+    service = assemble(
         options.model_repository.resolve(),
         keyring,
-        options.allow_plaintext,
+        allow_plaintext=options.allow_plaintext,
         max_batch_size=options.max_batch_size,
-        audit=audit,
+        max_inflight=options.max_inflight_requests,
+        control_mode=options.control_mode,
+        strict_readiness=options.strict_readiness,
+        audit=_open_audit(options),
     )
-    state = ServerState(
-        strict_readiness=options.strict_readiness, control_mode=options.control_mode
-    )
+    registry, state, audit = service.registry, service.state, service.audit
 
     try:
         credentials = grpc_server_credentials(options.grpc_tls)
@@ -149,7 +192,7 @@ async def serve(options: ServerOptions) -> int:
         # Refused control calls are audited; refused inference calls only logged, so a flood
         # of bad decision calls cannot turn into a flood of fsyncs.
         if method.rsplit("/", 1)[-1] in AUDITED_REFUSALS:
-            await registry.audit_event("repository.refused", **fields)
+            await audit.record("repository.refused", **fields)
 
     interceptor = RestrictedProtocolInterceptor(restrictions, audit_refusal)
     server = grpc.aio.server(
@@ -162,7 +205,7 @@ async def serve(options: ServerOptions) -> int:
             ("grpc.so_reuseport", 0),
         ],
     )
-    add_servicer(TritonServicer(registry, state, options.max_inflight_requests), server)
+    add_servicer(service.servicer(), server)
     address = f"{options.grpc_address}:{options.grpc_port}"
     try:
         if credentials is None:
@@ -190,20 +233,23 @@ async def serve(options: ServerOptions) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await _initial_load(registry, options)
+    await initial_load(service, options.load_models)
     state.started = True
-    await registry.audit_event(
+    await audit.record(
         "server.ready",
         repository=str(options.model_repository),
         address=address,
         tls=options.grpc_tls.mode,
         control_mode=options.control_mode,
-        models=sorted(registry.models)[:64],
+        models=registry.model_names()[:64],
     )
-    log.info("server ready", extra={"mode": options.control_mode, "models": len(registry.models)})
+    log.info(
+        "server ready",
+        extra={"mode": options.control_mode, "models": len(registry.model_names())},
+    )
     poller = None
     if options.control_mode == "poll":
-        poller = asyncio.create_task(_poll_forever(registry, options.poll_secs))
+        poller = asyncio.create_task(service.watcher.run(options.poll_secs))
     token_watch = asyncio.create_task(restrictions.watch_files())
 
     await stop.wait()
@@ -216,8 +262,8 @@ async def serve(options: ServerOptions) -> int:
                 await task
     await server.stop(options.exit_timeout_secs)
     registry.release_all()
-    if audit is not None:
-        await registry.audit_event("server.stop")
+    if audit.enabled:
+        await audit.record("server.stop")
         audit.close()
     log.info("stopped")
     return 0

@@ -1,14 +1,20 @@
-"""The request path of ModelInfer: route, check, run, answer, count."""
+"""The request path of ModelInfer: route, decode, schedule, encode, count.
+
+The handler owns the wire format on both sides (decode and encode, in protocol/tensors.py);
+the version's scheduler sees decoded feeds and typed options and returns outputs; statistics
+are recorded here, in one place, whatever the scheduler.
+"""
 
 from __future__ import annotations
 
 import time
 
-import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from forseti.core.errors import ResourceExhausted
-from forseti.server.protocol.tensors import decode_inputs, requested_outputs
+from forseti.server.protocol.request_options import CallDeadline, request_options
+from forseti.server.protocol.tensors import ResponseEncoder, decode_inputs, requested_outputs
+from forseti.server.registry.lifecycle import LifecycleEvent, VersionReleased
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
 
@@ -21,99 +27,57 @@ class InferenceHandler:
     def __init__(self, registry: ModelRegistry, max_inflight: int = 0) -> None:
         self.registry = registry
         self.max_inflight = max_inflight  # 0: no server-wide limit
-        self.inflight = 0  # requests waiting on a queue or a worker thread
+        self.inflight = 0  # requests between routing and answering
+        self._encoders: dict[LoadedVersion, ResponseEncoder] = {}
+        registry.hooks.subscribe(self)
 
     async def infer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None = None
+        self, request: pb.ModelInferRequest, context: CallDeadline | None = None
     ) -> pb.ModelInferResponse:
-        """Run the request on the version it routes to; raises ForsetiError on bad input."""
+        """Run the request on the version it routes to; raises ForsetiError on bad input.
+
+        While it runs, the version counts it as in flight, so a swap drains it before the
+        version is released."""
         start = _now_ns()
         lv = self.registry.route(request.model_name, request.model_version)
         if self.max_inflight and self.inflight >= self.max_inflight:
             raise ResourceExhausted(
                 f"server is at its limit of {self.max_inflight} in-flight requests; retry later"
             )
-        if lv.scheduler.inline:
-            return self._infer_inline(lv, request, start)
-        return await self._infer_awaited(lv, request, start, context)
-
-    async def _infer_awaited(
-        self,
-        lv: LoadedVersion,
-        request: pb.ModelInferRequest,
-        start: int,
-        context: grpc.aio.ServicerContext | None,
-    ) -> pb.ModelInferResponse:
-        """Through the dynamic batcher or an instance thread; while this awaits, the version
-        counts the request as in flight, so a swap drains it before releasing the version."""
-        lv.acquire()
+        stats = lv.stats
+        lv.inflight += 1
         self.inflight += 1
         try:
             spec = lv.spec
             feeds, batch = decode_inputs(request, spec)
             names = requested_outputs(request, spec, lv.output_names)
+            options = request_options(request, context)
             decoded = _now_ns()
-            if lv.batcher is not None:
-                result = await lv.batcher.submit(
-                    feeds, batch, names, request.parameters, _grpc_deadline_ns(context)
-                )
-            else:
-                result = await lv.scheduler.execute(feeds, names)
+            done = await lv.scheduler.schedule(feeds, batch, names, options)
             answered = _now_ns()
-            response = lv.responses.build(request.id, names, result.outputs)
+            encoder = self._encoders.get(lv)
+            if encoder is None:
+                encoder = self._encoders[lv] = ResponseEncoder(lv.model, lv.version_str)
+            response = encoder.encode(request.id, names, done.outputs)
             end = _now_ns()
         except BaseException:
-            lv.stats.record_failure(_now_ns() - start)
+            stats.record_failure(_now_ns() - start)
             raise
         finally:
             self.inflight -= 1
             lv.release()
-        stats = lv.stats
-        stats.record_request(
+        stats.record_success(
             end - start,
-            result.queue_ns,
+            done.queue_ns,
             decoded - start,
-            result.infer_ns,
+            done.infer_ns,
             end - answered,
-            time.time_ns() // 1_000_000,
-        )
-        if lv.batcher is None:  # the batcher counts its own executions
-            stats.record_execution(batch, decoded - start, result.infer_ns, end - answered)
-        return response
-
-    @staticmethod
-    def _infer_inline(
-        lv: LoadedVersion, request: pb.ModelInferRequest, start: int
-    ) -> pb.ModelInferResponse:
-        """The fast path: no await between routing and answering, so no swap can interleave
-        and the version needs no in-flight count to drain."""
-        try:
-            spec = lv.spec
-            feeds, batch = decode_inputs(request, spec)
-            names = requested_outputs(request, spec, lv.output_names)
-            decoded = _now_ns()
-            results = lv.backend.run(feeds, names)
-            infer_end = _now_ns()
-            response = lv.responses.build(request.id, names, results)
-            end = _now_ns()
-        except BaseException:
-            lv.stats.record_failure(_now_ns() - start)
-            raise
-        lv.stats.record_success(
-            batch,
-            end - start,
-            0,
-            decoded - start,
-            infer_end - decoded,
-            end - infer_end,
+            done.executed,
             time.time_ns() // 1_000_000,
         )
         return response
 
-
-def _grpc_deadline_ns(context: grpc.aio.ServicerContext | None) -> int:
-    """The call's gRPC deadline on the monotonic clock, 0 when it has none."""
-    if context is None:
-        return 0
-    remaining = context.time_remaining()
-    return 0 if remaining is None else _now_ns() + int(remaining * 1e9)
+    async def on_event(self, event: LifecycleEvent) -> None:
+        """A released version's encoder goes with it."""
+        if isinstance(event, VersionReleased):
+            self._encoders.pop(event.loaded, None)

@@ -87,28 +87,16 @@ class VersionStats:
 
     def record_success(
         self,
-        batch: int,
         total_ns: int,
         queue_ns: int,
         input_ns: int,
         infer_ns: int,
         output_ns: int,
+        executed: int,
         now_ms: int,
     ) -> None:
-        """One request answered; with direct scheduling it was one execution of its own."""
-        self.record_request(total_ns, queue_ns, input_ns, infer_ns, output_ns, now_ms)
-        self.record_execution(batch, input_ns, infer_ns, output_ns)
-
-    def record_request(
-        self,
-        total_ns: int,
-        queue_ns: int,
-        input_ns: int,
-        infer_ns: int,
-        output_ns: int,
-        now_ms: int,
-    ) -> None:
-        """One request answered; its execution is counted by `record_execution`."""
+        """One request answered. `executed` is the batch size of the model execution it
+        accounts for (0 when another request of the same formed batch accounts for it)."""
         self.success_count += 1
         self.success_ns += total_ns
         self.queue_ns += queue_ns
@@ -118,18 +106,16 @@ class VersionStats:
         self.last_inference_ms = now_ms
         self.latency_buckets[bisect.bisect_left(_BUCKET_BOUNDS_NS, total_ns)] += 1
         self.latency_sum_ns += total_ns
-
-    def record_execution(self, batch: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """One model execution of `batch` items (a formed batch)."""
-        self.inference_count += batch
-        self.execution_count += 1
-        b = self._batches.get(batch)
-        if b is None:
-            b = self._batches[batch] = [0, 0, 0, 0]
-        b[0] += 1
-        b[1] += input_ns
-        b[2] += infer_ns
-        b[3] += output_ns
+        if executed:
+            self.inference_count += executed
+            self.execution_count += 1
+            b = self._batches.get(executed)
+            if b is None:
+                b = self._batches[executed] = [0, 0, 0, 0]
+            b[0] += 1
+            b[1] += input_ns
+            b[2] += infer_ns
+            b[3] += output_ns
 
     def record_failure(self, total_ns: int) -> None:
         self.fail_count += 1

@@ -26,9 +26,9 @@ import grpc
 import tritonclient.grpc.aio as aioclient
 
 from forseti.core.sealing.keyring import Keyring
+from forseti.server.app import assemble
 from forseti.server.metrics import TritonMetricsCollector, exposition
 from forseti.server.protocol.registration import add_servicer
-from forseti.server.protocol.servicer import ServerState, TritonServicer
 from forseti.server.registry.model_registry import ModelRegistry
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
@@ -66,10 +66,15 @@ async def inprocess_server(
     ("*" for all). Unlike `forseti serve`, a failed initial load raises, so a test never runs
     against a server that silently lacks its model.
     """
-    registry = ModelRegistry(
-        Path(repository).resolve(), keyring, allow_plaintext, max_batch_size=max_batch_size
+    service = assemble(
+        Path(repository).resolve(),
+        keyring,
+        allow_plaintext=allow_plaintext,
+        max_batch_size=max_batch_size,
+        max_inflight=max_inflight,
+        control_mode=control_mode,
     )
-    state = ServerState(strict_readiness=True, control_mode=control_mode)
+    registry, state = service.registry, service.state
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_request_bytes),
@@ -77,14 +82,14 @@ async def inprocess_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_servicer(TritonServicer(registry, state, max_inflight), server)
+    add_servicer(service.servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         if control_mode == "none" or "*" in load:
             await registry.load_all()
         elif control_mode == "poll":
-            await registry.poll_once()
+            await service.watcher.poll_once()
         else:
             for name in load:
                 await registry.load_model(name)

@@ -6,12 +6,10 @@ import asyncio
 import time
 
 import numpy as np
-from tritonclient.grpc import service_pb2 as pb
-
 from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
+from forseti.server.scheduler.base import NO_OPTIONS, Execution
 from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
-from forseti.server.stats import VersionStats
 from testkit.model_builders import POLICY_CONFIG, policy_onnx
 
 PREFERRED = (
@@ -19,30 +17,34 @@ PREFERRED = (
 )
 
 
-async def _submit_together(batcher: DynamicBatcher, obs: np.ndarray) -> tuple[list, float]:
-    params = pb.ModelInferRequest().parameters
+async def _schedule_together(
+    batcher: DynamicBatcher, obs: np.ndarray
+) -> tuple[list[Execution], float]:
     started = time.monotonic()
     results = await asyncio.gather(
-        *(batcher.submit({"obs": o[None, :]}, 1, ["logits"], params) for o in obs)
+        *(batcher.schedule({"obs": o[None, :]}, 1, ["logits"], NO_OPTIONS) for o in obs)
     )
     return results, time.monotonic() - started
 
 
-def _run(n: int) -> tuple[list, float, dict[int, int], np.ndarray, OnnxRuntimeBackend]:
+def _run(n: int) -> tuple[list[Execution], float, dict[int, int], np.ndarray, OnnxRuntimeBackend]:
     spec = model_spec(parse_config_text(POLICY_CONFIG + PREFERRED, "policy"), "policy")
     backend = OnnxRuntimeBackend(spec, policy_onnx(1))
-    stats = VersionStats()
     obs = np.random.default_rng(n).uniform(-1, 1, (n, 8)).astype(np.float32)
 
-    async def main() -> tuple[list, float]:
-        batcher = DynamicBatcher(spec, backend, stats)
+    async def main() -> tuple[list[Execution], float]:
+        batcher = DynamicBatcher(spec, backend)
         try:
-            return await _submit_together(batcher, obs)
+            return await _schedule_together(batcher, obs)
         finally:
             batcher.close()
 
     results, elapsed = asyncio.run(main())
-    executed = {size: b.compute_infer.count for size, b in stats.batches.items()}
+    # Executions as the statistics count them: one request of each batch accounts for it.
+    executed: dict[int, int] = {}
+    for r in results:
+        if r.executed:
+            executed[r.executed] = executed.get(r.executed, 0) + 1
     return results, elapsed, executed, obs, backend
 
 

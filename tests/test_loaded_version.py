@@ -5,7 +5,7 @@ from __future__ import annotations
 from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forseti.server.registry.loaded_version import LoadedVersion
-from forseti.server.scheduler.direct import DirectScheduler
+from forseti.server.scheduler.inline import InlineScheduler
 from forseti.server.stats import VersionStats
 from testkit.model_builders import POLICY_CONFIG, policy_onnx
 
@@ -18,7 +18,7 @@ def make_version() -> LoadedVersion:
         version=1,
         spec=spec,
         backend=backend,
-        scheduler=DirectScheduler(backend, "policy", inline=True),
+        scheduler=InlineScheduler(backend),
         stats=VersionStats(),
         digest="0" * 64,
         fingerprint=(),

@@ -545,7 +545,8 @@ def test_loading_a_new_version_during_calls_fails_no_call_and_moves_calls_to_it(
     answers, failures = run_inprocess(repo, keyring, body, load=["policy"])
     assert failures == []
     assert all(action == version % 4 for _, version, action in answers), answers
-    assert {v for phase, v, _ in answers if phase == "before"} == {1}
+    # A call started before the load may reach the server after the swap: v1 or v2.
+    assert 1 in {v for phase, v, _ in answers if phase == "before"}
     assert any(phase == "during" for phase, _, _ in answers)  # calls ran while it loaded
     after = [v for phase, v, _ in answers if phase == "after"]
     assert len(after) >= 20 and set(after) == {2}, after

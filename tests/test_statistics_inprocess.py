@@ -126,12 +126,6 @@ def test_dynamic_batching_statistics_count_one_execution_for_four_requests(repo,
     assert s.inference_stats.queue.ns > 0  # they waited for each other
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DynamicBatcher records each execution with compute_input and compute_output of 0 "
-    "ns (record_execution(total, 0, infer_ns, 0)); the batch's concatenation is counted as "
-    "compute_infer and its output slicing not at all",
-)
 def test_dynamic_batching_batch_statistics_have_input_and_output_durations(repo, keyring) -> None:
     async def body(client, srv):
         await asyncio.gather(

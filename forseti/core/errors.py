@@ -64,6 +64,26 @@ class FailedPrecondition(ForsetiError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Refused(ForsetiError):
+    """A refusal already logged under a request id: its message carries the id and goes to
+    the client as it is."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message, code)
+
+
+def refusal_message(rpc: str, exc: ForsetiError) -> str:
+    """Log a refused call under a new request id; the message to send, carrying that id."""
+    if isinstance(exc, Refused):
+        return exc.message
+    rid = new_request_id()
+    log.info(
+        "request refused",
+        extra={"rpc": rpc, "code": exc.code.name, "reason": exc.message, "request_id": rid},
+    )
+    return with_request_id(exc.message, rid)
+
+
 class ModelLoadError(Exception):
     """A model or version could not be loaded; `reason` is shown in RepositoryIndex."""
 

@@ -12,14 +12,14 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 
 import forseti
 from forseti.core.errors import (
-    FailedPrecondition,
     ForsetiError,
     InvalidArgument,
-    ModelLoadError,
     new_request_id,
+    refusal_message,
     with_request_id,
 )
 from forseti.server.inference import InferenceHandler
+from forseti.server.model_control import ModelControl
 from forseti.server.protocol.registration import MALFORMED
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
@@ -53,18 +53,8 @@ async def _abort_internal(context: grpc.aio.ServicerContext, what: str) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, with_request_id("internal error", rid))
 
 
-def _refused(rpc: str, exc: ForsetiError) -> str:
-    """Log a refused request under a new request id; the message to send, carrying that id."""
-    rid = new_request_id()
-    log.info(
-        "request refused",
-        extra={"rpc": rpc, "code": exc.code.name, "reason": exc.message, "request_id": rid},
-    )
-    return with_request_id(exc.message, rid)
-
-
 async def _refuse(context: grpc.aio.ServicerContext, rpc: str, exc: ForsetiError) -> None:
-    await context.abort(exc.code, _refused(rpc, exc))
+    await context.abort(exc.code, refusal_message(rpc, exc))
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -102,10 +92,17 @@ def _version_statistics(lv: LoadedVersion) -> pb.ModelStatistics:
 class TritonServicer(pbg.GRPCInferenceServiceServicer):
     """Every RPC of the service; errors become gRPC statuses, never a crash."""
 
-    def __init__(self, registry: ModelRegistry, state: ServerState, max_inflight: int = 0) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        state: ServerState,
+        handler: InferenceHandler,
+        control: ModelControl,
+    ) -> None:
         self.registry = registry
         self.state = state
-        self.handler = InferenceHandler(registry, max_inflight)
+        self.handler = handler
+        self.control = control
 
     # ---- health and metadata ------------------------------------------------------------
 
@@ -136,7 +133,6 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
         except ForsetiError as exc:
             await _refuse(context, "ModelMetadata", exc)
         spec = lv.spec
-        entry = self.registry.models[lv.model]
         batch = [-1] if spec.batched else []
 
         def meta(tensors):
@@ -149,7 +145,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
 
         return pb.ModelMetadataResponse(
             name=lv.model,
-            versions=[str(v) for v in sorted(entry.versions)],
+            versions=[v.version_str for v in self.registry.versions_of(lv.model)],
             platform=spec.config.platform or spec.config.backend,
             inputs=meta(spec.inputs),
             outputs=meta(spec.outputs),
@@ -169,7 +165,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
                     versions = [self.registry.route(request.name, request.version)]
                 else:
                     self.registry.route(request.name, "")
-                    versions = list(self.registry.models[request.name].versions.values())
+                    versions = self.registry.versions_of(request.name)
             else:
                 versions = list(self.registry.loaded_versions())
         except ForsetiError as exc:
@@ -199,12 +195,14 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
         async for request in request_iterator:
             if request is MALFORMED:
                 refused = InvalidArgument("malformed ModelInferRequest")
-                yield _stream_error(pb.ModelInferRequest(), _refused("ModelStreamInfer", refused))
+                yield _stream_error(
+                    pb.ModelInferRequest(), refusal_message("ModelStreamInfer", refused)
+                )
                 continue
             try:
                 response = await self.handler.infer(request, context)
             except ForsetiError as exc:
-                yield _stream_error(request, _refused("ModelStreamInfer", exc))
+                yield _stream_error(request, refusal_message("ModelStreamInfer", exc))
                 continue
             except Exception:
                 rid = new_request_id()
@@ -217,34 +215,11 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
 
     # ---- repository ---------------------------------------------------------------------
 
-    async def _audit_control(
-        self, context, event: str, code: grpc.StatusCode, message: str = "", **what: object
-    ) -> None:
-        """Audit one model-repository control call: who, what, and the status it got."""
-        if self.registry.audit is None:
-            return
-        who = caller_identity(context)
-        await self.registry.audit_event(
-            event,
-            peer=who.peer,
-            tls_subject=who.tls_subject,
-            token_group=who.token_group,
-            **what,
-            result=code.name,
-            message=message,
-        )
-
     async def RepositoryIndex(self, request, context):
         try:
-            items = list(self.registry.index(request.ready))
+            items = await self.control.index(request.ready, caller_identity(context))
         except Exception:
-            await self._audit_control(
-                context, "repository.index", grpc.StatusCode.INTERNAL, ready=request.ready
-            )
             await _abort_internal(context, "RepositoryIndex")
-        await self._audit_control(
-            context, "repository.index", grpc.StatusCode.OK, ready=request.ready, models=len(items)
-        )
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -254,55 +229,24 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
             ]
         )
 
-    def _check_explicit(self) -> None:
-        if self.state.control_mode != "explicit":
-            raise FailedPrecondition(
-                "explicit model load / unload is not allowed in model control mode "
-                f"'{self.state.control_mode}'; start the server with --model-control-mode explicit"
-            )
-
     async def RepositoryModelLoad(self, request, context):
-        model = request.model_name[:256]
         try:
-            self._check_explicit()
-            if request.parameters:
-                raise InvalidArgument(
-                    "load parameters (config override, file content) are not supported; "
-                    "publish a version folder instead"
-                )
-            try:
-                await self.registry.load_model(request.model_name)
-            except ModelLoadError as exc:
-                raise InvalidArgument(
-                    f"failed to load '{request.model_name}': {exc.reason}"
-                ) from None
-        except ForsetiError as exc:
-            message = _refused("RepositoryModelLoad", exc)
-            await self._audit_control(context, "repository.load", exc.code, message, model=model)
-            await context.abort(exc.code, message)
-        except Exception:
-            await self._audit_control(
-                context, "repository.load", grpc.StatusCode.INTERNAL, model=model
+            await self.control.load(
+                request.model_name, bool(request.parameters), caller_identity(context)
             )
+        except ForsetiError as exc:
+            await _refuse(context, "RepositoryModelLoad", exc)
+        except Exception:
             await _abort_internal(context, "RepositoryModelLoad")
-        await self._audit_control(context, "repository.load", grpc.StatusCode.OK, model=model)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        model = request.model_name[:256]
         try:
-            self._check_explicit()
-            await self.registry.unload_model(request.model_name)
+            await self.control.unload(request.model_name, caller_identity(context))
         except ForsetiError as exc:
-            message = _refused("RepositoryModelUnload", exc)
-            await self._audit_control(context, "repository.unload", exc.code, message, model=model)
-            await context.abort(exc.code, message)
+            await _refuse(context, "RepositoryModelUnload", exc)
         except Exception:
-            await self._audit_control(
-                context, "repository.unload", grpc.StatusCode.INTERNAL, model=model
-            )
             await _abort_internal(context, "RepositoryModelUnload")
-        await self._audit_control(context, "repository.unload", grpc.StatusCode.OK, model=model)
         return pb.RepositoryModelUnloadResponse()
 
     # ---- what Forseti does not do -------------------------------------------------------

@@ -4,7 +4,6 @@ and numpy results back into a ModelInferResponse."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
@@ -72,69 +71,48 @@ def _from_contents(
         ) from None
 
 
-@dataclass(frozen=True)
-class _FastInput:
-    dtype: np.dtype
-    datatype: str
-    dims: tuple[int, ...]
-    nbytes_per_item: int
-
-
-_FAST_CACHE: dict[int, tuple[ModelSpec, dict[str, _FastInput]]] = {}
-
-
-def _fast_inputs(spec: ModelSpec) -> dict[str, _FastInput]:
-    cached = _FAST_CACHE.get(id(spec))
-    if cached is not None and cached[0] is spec:
-        return cached[1]
-    table = {
-        name: _FastInput(
-            ts.ttype.dtype, ts.ttype.name, ts.dims, ts.inner_count * ts.ttype.dtype.itemsize
-        )
-        for name, ts in spec.inputs.items()
-        if ts.fixed
-    }
-    _FAST_CACHE[id(spec)] = (spec, table)
-    return table
-
-
-def _decode_raw_fast(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dict, int] | None:
+def _decode_raw_fast(
+    request: pb.ModelInferRequest, spec: ModelSpec
+) -> tuple[dict[str, np.ndarray], int] | None:
     """The common case in one pass: raw tensors of fixed shape that match the config exactly.
     Anything unusual returns None and goes through the full check, which words the error."""
-    table = _fast_inputs(spec)
+    specs = spec.inputs
     max_batch = spec.max_batch_size
     feeds: dict[str, np.ndarray] = {}
     batch = -1
     for tensor, data in zip(request.inputs, request.raw_input_contents):  # noqa: B905
         name = tensor.name
-        fi = table.get(name)
+        ts = specs.get(name)
         if (
-            fi is None
-            or tensor.datatype != fi.datatype
-            or len(tensor.parameters)
+            ts is None
+            or not ts.item_nbytes
+            or tensor.datatype != ts.ttype.name
+            or tensor.parameters
             or name in feeds
             or tensor.HasField("contents")
         ):
             return None
         shape = tuple(tensor.shape)
         if max_batch:
-            if not shape or shape[1:] != fi.dims:
+            if not shape or shape[1:] != ts.dims:
                 return None
             b = shape[0]
             if not 0 < b <= max_batch or (batch != -1 and b != batch):
                 return None
-        elif shape != fi.dims:
+        elif shape != ts.dims:
             return None
         else:
             b = 1
-        if len(data) != b * fi.nbytes_per_item:
+        if len(data) != b * ts.item_nbytes:
             return None
-        feeds[name] = np.frombuffer(data, dtype=fi.dtype).reshape(shape)
+        feeds[name] = np.frombuffer(data, dtype=ts.ttype.dtype).reshape(shape)
         batch = b
     return feeds, batch
 
 
-def decode_inputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dict, int]:
+def decode_inputs(
+    request: pb.ModelInferRequest, spec: ModelSpec
+) -> tuple[dict[str, np.ndarray], int]:
     """Check every input against the config and return (feeds, batch size)."""
     raw = request.raw_input_contents
     if raw and len(raw) == len(request.inputs) == len(spec.inputs):
@@ -144,7 +122,9 @@ def decode_inputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dict,
     return _decode_checked(request, spec)
 
 
-def _decode_checked(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[dict, int]:
+def _decode_checked(
+    request: pb.ModelInferRequest, spec: ModelSpec
+) -> tuple[dict[str, np.ndarray], int]:
     model = request.model_name
     raw = request.raw_input_contents
     inputs = request.inputs
@@ -232,16 +212,17 @@ _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 _TEMPLATE_LIMIT = 256
 
 
-class ResponseBuilder:
-    """Builds responses from a cached template per (outputs, shapes): copying a prebuilt
-    message is about five times cheaper than constructing the output tensors each time."""
+class ResponseEncoder:
+    """Encodes one version's responses from a cached template per (outputs, shapes): copying
+    a prebuilt message is about five times cheaper than constructing the output tensors each
+    time. Bounded: the cache starts over past `_TEMPLATE_LIMIT` shapes."""
 
     def __init__(self, model: str, version: str) -> None:
         self.model = model
         self.version = version
-        self._templates: dict[tuple, pb.ModelInferResponse] = {}
+        self._templates: dict[tuple[object, ...], pb.ModelInferResponse] = {}
 
-    def build(
+    def encode(
         self, request_id: str, names: list[str], results: list[np.ndarray]
     ) -> pb.ModelInferResponse:
         key = (*names, *[arr.shape for arr in results])

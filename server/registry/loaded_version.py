@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from forseti.core.repository.config import ModelSpec
 from forseti.server.backends.base import Backend
-from forseti.server.protocol.tensors import ResponseBuilder
-from forseti.server.scheduler.direct import DirectScheduler
-from forseti.server.scheduler.dynamic_batcher import DynamicBatcher
+from forseti.server.scheduler.base import Scheduler
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)
@@ -23,14 +22,13 @@ class LoadedVersion:
     version: int
     spec: ModelSpec
     backend: Backend
-    scheduler: DirectScheduler
+    scheduler: Scheduler
     stats: VersionStats
     digest: str  # sha256 of the artifact file as stored (sealed bytes)
-    fingerprint: tuple
-    batcher: DynamicBatcher | None = None
+    fingerprint: tuple[object, ...]
+    on_released: Callable[[LoadedVersion], None] | None = None
     output_names: list[str] = field(init=False)
     version_str: str = field(init=False)
-    responses: ResponseBuilder = field(init=False)
     inflight: int = 0
     retired: bool = False
     released: bool = False
@@ -38,7 +36,6 @@ class LoadedVersion:
     def __post_init__(self) -> None:
         self.output_names = list(self.spec.outputs)
         self.version_str = str(self.version)
-        self.responses = ResponseBuilder(self.model, self.version_str)
 
     def acquire(self) -> None:
         self.inflight += 1
@@ -66,7 +63,7 @@ class LoadedVersion:
             return
         self.released = True
         self.scheduler.close()
-        if self.batcher is not None:
-            self.batcher.close()
         self.backend.close()
         log.info("version released", extra={"model": self.model, "version": self.version})
+        if self.on_released is not None:
+            self.on_released(self)

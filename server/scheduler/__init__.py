@@ -1,1 +1,1 @@
-"""How a request reaches its backend: directly, or (later) through a dynamic batcher."""
+"""How a decoded request reaches its backend: every scheduler implements `base.Scheduler`."""

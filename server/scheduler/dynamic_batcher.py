@@ -5,7 +5,7 @@ a worker thread, and hand each request its slice of the outputs. A batch runs as
 queue can fill a preferred size (the largest it can) or `max_batch_size`; otherwise once the
 oldest request has waited `max_queue_delay_microseconds` (the event loop's timers round that up
 to whole milliseconds; 0 runs at once). A full queue refuses at once (RESOURCE_EXHAUSTED); a
-request whose timeout (its `timeout` parameter, the queue policy's default, or its gRPC
+request whose timeout (its requested timeout, the queue policy's default, or the caller's
 deadline) expires while queued is dropped before it is computed; a cancelled request is
 skipped.
 """
@@ -26,8 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from forseti.core.errors import InvalidArgument, ModelLoadError, ResourceExhausted, Unavailable
 from forseti.core.repository.config import ModelSpec
 from forseti.server.backends.base import Backend
-from forseti.server.scheduler.result import ExecutionResult
-from forseti.server.stats import VersionStats
+from forseti.server.scheduler.base import Execution, Feeds, RequestOptions
 
 log = logging.getLogger(__name__)
 
@@ -100,34 +99,23 @@ class BatchingSpec:
 class Pending:
     """A request waiting in a queue."""
 
-    feeds: dict[str, np.ndarray]
+    feeds: Feeds
     batch: int
     names: list[str]
-    shapes: tuple
+    shapes: tuple[tuple[int, ...], ...]
     enqueued_ns: int
     deadline_ns: int  # 0: none
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future[Execution] = field(repr=False)
     queue_ns: int = 0
-
-
-def _param_int(request_params, key: str) -> int | None:
-    if key not in request_params:
-        return None
-    p = request_params[key]
-    which = p.WhichOneof("parameter_choice")
-    if which in ("int64_param", "uint64_param"):
-        return int(getattr(p, which))
-    raise InvalidArgument(f"request parameter '{key}' must be an integer, got {which}")
 
 
 class DynamicBatcher:
     """Queues, forms batches and runs them on `backend.instance_count` executor threads."""
 
-    def __init__(self, spec: ModelSpec, backend: Backend, stats: VersionStats) -> None:
+    def __init__(self, spec: ModelSpec, backend: Backend) -> None:
         self.spec = spec
         self.settings = BatchingSpec.from_config(spec)
         self.backend = backend
-        self.stats = stats
         self.output_names = list(spec.outputs)
         self._queues: list[deque[Pending]] = [deque() for _ in range(self.settings.levels)]
         self._queued = 0  # batch items in the queues, cancelled ones until they are dropped
@@ -143,43 +131,35 @@ class DynamicBatcher:
 
     # ---- submitting ---------------------------------------------------------------------
 
-    def _level_and_timeout(self, parameters, grpc_deadline_ns: int) -> tuple[int, int]:
+    def _level_and_deadline(self, options: RequestOptions) -> tuple[int, int]:
         s = self.settings
-        priority = _param_int(parameters, "priority") if len(parameters) else None
         level = s.default_level
-        if priority and s.levels > 1:
-            if not 1 <= priority <= s.levels:
+        if options.priority and s.levels > 1:
+            if not 1 <= options.priority <= s.levels:
                 raise InvalidArgument(
-                    f"priority {priority} is outside the model's 1..{s.levels} priority levels"
+                    f"priority {options.priority} is outside the model's 1..{s.levels} "
+                    "priority levels"
                 )
-            level = priority
+            level = options.priority
         policy = s.policies[level - 1]
         timeout_ns = policy.default_timeout_ns
-        requested = _param_int(parameters, "timeout") if len(parameters) else None
-        if requested is not None:
-            if requested < 0:
-                raise InvalidArgument(f"request timeout must be >= 0 microseconds, got {requested}")
-            if requested and (policy.allow_timeout_override or not timeout_ns):
-                timeout_ns = requested * 1000
-            elif requested:
-                timeout_ns = min(timeout_ns, requested * 1000)
+        requested = options.timeout_ns
+        if requested and (policy.allow_timeout_override or not timeout_ns):
+            timeout_ns = requested
+        elif requested:
+            timeout_ns = min(timeout_ns, requested)
         deadline = _now_ns() + timeout_ns if timeout_ns else 0
-        if grpc_deadline_ns and (not deadline or grpc_deadline_ns < deadline):
-            deadline = grpc_deadline_ns
+        if options.deadline_ns and (not deadline or options.deadline_ns < deadline):
+            deadline = options.deadline_ns
         return level, deadline
 
-    async def submit(
-        self,
-        feeds: dict[str, np.ndarray],
-        batch: int,
-        names: list[str],
-        parameters,
-        grpc_deadline_ns: int = 0,
-    ) -> ExecutionResult:
+    async def schedule(
+        self, feeds: Feeds, batch: int, names: list[str], options: RequestOptions
+    ) -> Execution:
         """Queue a request and wait for its slice of a batch."""
         if self._closed:
             raise Unavailable(f"model '{self.spec.name}' version is being unloaded")
-        level, deadline = self._level_and_timeout(parameters, grpc_deadline_ns)
+        level, deadline = self._level_and_deadline(options)
         queue = self._queues[level - 1]
         limit = self.settings.policies[level - 1].max_queue_size
         if limit and len(queue) >= limit:
@@ -309,15 +289,17 @@ class DynamicBatcher:
                         p.future.set_exception(exc)
 
     def _deliver(self, batch: list[Pending], outputs: list[np.ndarray], infer_ns: int) -> None:
-        total = sum(p.batch for p in batch)
-        self.stats.record_execution(total, 0, infer_ns, 0)
+        """Hand each request its slice; the first one still waiting accounts for the
+        execution in the statistics."""
+        unaccounted = sum(p.batch for p in batch)
         index = {name: i for i, name in enumerate(self.output_names)}
         offset = 0
         for p in batch:
             end = offset + p.batch
             if not p.future.done():
                 picked = [outputs[index[n]][offset:end] for n in p.names]
-                p.future.set_result(ExecutionResult(picked, p.queue_ns, infer_ns))
+                p.future.set_result(Execution(picked, p.queue_ns, infer_ns, unaccounted))
+                unaccounted = 0
             offset = end
 
     def close(self) -> None:
@@ -333,7 +315,7 @@ class DynamicBatcher:
         self._pool.shutdown(wait=False)
 
 
-def _concatenate(batch: list[Pending]) -> dict[str, np.ndarray]:
+def _concatenate(batch: list[Pending]) -> Feeds:
     if len(batch) == 1:
         return batch[0].feeds
     return {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}

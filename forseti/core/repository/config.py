@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -37,6 +37,13 @@ class TensorSpec:
     name: str
     ttype: TritonType
     dims: tuple[int, ...]
+    # Bytes of one batch item when the dims are fixed, else 0: the request path checks a raw
+    # tensor's size with one comparison.
+    item_nbytes: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        nbytes = math.prod(self.dims) * self.ttype.dtype.itemsize if self.fixed else 0
+        object.__setattr__(self, "item_nbytes", nbytes)
 
     @property
     def fixed(self) -> bool:
