@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
 import pytest
 
-from forseti.trainer_sidecar.spec import SpecError, load_spec, spec_from_dict
+from forseti.trainer_sidecar import spec as spec_module
+from forseti.trainer_sidecar.spec import (
+    AlgorithmSpec,
+    CheckpointSpec,
+    EnvSpec,
+    EvaluationSpec,
+    PublishedModelSpec,
+    ServerSpec,
+    SidecarSpec,
+    SpecError,
+    load_spec,
+    spec_from_dict,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cartpole_ppo.toml"
 
@@ -54,6 +67,44 @@ def test_minimal_spec_fills_defaults(tmp_path: Path) -> None:
     assert spec.evaluation.episodes == 10
     assert spec.model.formats == ("onnx",)
     assert spec.model.repository == tmp_path / "repo"
+
+
+def test_left_out_fields_take_the_dataclass_defaults(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, MINIMAL))
+    assert spec.model == PublishedModelSpec(name="cartpole", repository=tmp_path / "repo")
+    assert spec.env == EnvSpec(id="CartPole-v1", n_envs=2)
+    assert spec.algorithm == AlgorithmSpec(
+        name="PPO", total_timesteps=1024, hyperparameters={"n_steps": 64}
+    )
+    # Derived defaults: the run dir beside the spec, one checkpoint at the end.
+    assert spec.checkpoint == CheckpointSpec(
+        directory=tmp_path / "runs" / "cartpole", interval_timesteps=1024
+    )
+    assert spec.evaluation == EvaluationSpec()
+    assert spec.server == ServerSpec(keyring=tmp_path / "keyring.json")
+    assert spec.sidecar == SidecarSpec()
+
+
+def test_every_spec_field_has_a_docstring() -> None:
+    """Specs document themselves: each section field is followed by its docstring."""
+    tree = ast.parse(Path(spec_module.__file__).read_text(encoding="utf-8"))
+    sections = {cls.__name__ for cls in (PublishedModelSpec, EnvSpec, AlgorithmSpec,
+                CheckpointSpec, EvaluationSpec, ServerSpec, SidecarSpec)}  # fmt: skip
+    undocumented = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in sections:
+            body = node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    after = body[i + 1] if i + 1 < len(body) else None
+                    documented = isinstance(after, ast.Expr) and isinstance(
+                        after.value, ast.Constant
+                    )
+                    if not documented:
+                        undocumented.append(f"{node.name}.{stmt.target.id}")
+            sections.discard(node.name)
+    assert not sections, f"section classes not found: {sections}"
+    assert not undocumented
 
 
 def test_missing_required_field_is_named(tmp_path: Path) -> None:
@@ -137,3 +188,11 @@ def test_spec_from_dict_names_an_unknown_field(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         spec_from_dict(data)
     assert info.value.field_name == "env.frame_skip"
+
+
+def test_spec_from_dict_names_a_missing_required_field(tmp_path: Path) -> None:
+    data = load_spec(write(tmp_path, MINIMAL)).to_dict()
+    del data["env"]["id"]
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    assert info.value.field_name == "env.id"

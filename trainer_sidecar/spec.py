@@ -34,25 +34,47 @@ class SpecError(ValueError):
         super().__init__(f"{source}: {field_name}: {problem}")
 
 
+# Each section's fields, with their defaults and what they mean, are defined once below; the
+# TOML parser (parse_spec) reads the defaults from here. A field without a default is required,
+# unless its docstring names a default derived from other fields.
+
+
 @dataclass(frozen=True)
 class EnvSpec:
+    """``[env]``: the gymnasium environment the policy trains on."""
+
     id: str
+    """A registered gymnasium environment id, e.g. ``CartPole-v1``."""
     n_envs: int = 8
+    """Environments stepped together (1 to MAX_ENVS)."""
     vectorization: str = "dummy"
+    """``dummy`` (all envs in this process) or ``subprocess`` (one worker process per env)."""
     normalize_observations: bool = False
+    """Wrap the envs in VecNormalize; its statistics are checkpointed and exported in-graph."""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for ``gymnasium.make``."""
 
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
+    """``[algorithm]``: the stable-baselines3 algorithm, its network and its run length."""
+
     name: str
+    """One of ALGORITHMS (PPO, A2C, DQN, SAC, TD3)."""
     total_timesteps: int
+    """Env steps of the whole run; a multiple of the rollout (see rollout_timesteps)."""
     seed: int = 0
+    """Seed of the algorithm and the training envs."""
     policy: str = "MlpPolicy"
+    """The SB3 policy class; only ``MlpPolicy`` is exported."""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    """Passed to the SB3 algorithm as is; ``"lin_X"`` is a linear schedule from X to 0."""
     net_arch: tuple[int, ...] | None = None
+    """Hidden layer widths; None: SB3's default for the algorithm."""
     activation: str | None = None
+    """One of ACTIVATIONS; None: SB3's default for the algorithm."""
     torch_threads: int = 1
+    """torch CPU threads for training (not part of the spec hash)."""
 
     @property
     def on_policy(self) -> bool:
@@ -65,42 +87,74 @@ class PublishedModelSpec:
     config.pbtxt, which is forseti.core.repository.config.ModelSpec)."""
 
     name: str
+    """The model's folder name in the repository (and the run name's first part)."""
     repository: Path
+    """The model repository promotions publish into (relative: to the spec file's folder)."""
     max_batch_size: int = 64
+    """The published config's max_batch_size."""
     formats: tuple[str, ...] = ("onnx",)
+    """Artifact formats (FORMATS): the first is the model the gate judges and clients call;
+    each further one is published as ``<name>_<format>``."""
     gguf_type: str = "F32"
+    """GGUF weight type when ``gguf`` is among the formats: F32, F16 or Q8_0."""
 
 
 @dataclass(frozen=True)
 class CheckpointSpec:
+    """``[checkpoint]``: where and how often sealed checkpoints are written."""
+
     directory: Path
+    """The run directory (checkpoints under it); default ``runs/<model.name>`` beside the
+    spec file."""
     interval_timesteps: int
+    """Env steps between checkpoints; default ``algorithm.total_timesteps`` (one, at the end)."""
     keep: int = 3
+    """How many of the newest checkpoints are kept."""
 
 
 @dataclass(frozen=True)
 class EvaluationSpec:
+    """``[evaluation]``: the parity check and the gate a candidate must pass to be promoted."""
+
     episodes: int = 10
+    """Fixed-seed episodes the gate plays with the candidate and with the live version."""
     seed: int = 10_000
+    """Episode i starts from ``reset(seed=seed + i)``."""
     margin: float = 0.0
+    """How much the candidate's mean return must beat the live version's by."""
     parity_observations: int = 1000
+    """Observations on which the exported artifact must act like the SB3 policy."""
 
 
 @dataclass(frozen=True)
 class ServerSpec:
+    """``[server]``: the live server promotions go to, and the trainer's own endpoints."""
+
     url: str = "127.0.0.1:8001"
+    """The server's gRPC address, host:port."""
     keyring: Path = Path("keyring.json")
+    """The keyring that seals checkpoints and artifacts (relative: to the spec file's folder)."""
     token_header: str | None = None
+    """With token_file: the header carrying the token of a server's restricted protocols."""
     token_file: Path | None = None
+    """With token_header: the file holding that token."""
     metrics_port: int | None = None
+    """Port of the trainer's own Prometheus /metrics; None: not served."""
     metrics_address: str = "127.0.0.1"
+    """Address the trainer's /metrics listens on (loopback unless changed)."""
     audit_log: Path | None = None
+    """Hash-chained audit log of training operations; None: none kept."""
     ready_timeout_s: float = 60.0
+    """Seconds a published version may take until the server answers with it."""
     # TLS / mutual TLS to the server, named as tritonclient names them.
     ssl: bool = False
+    """Connect to the server over TLS."""
     root_certificates: Path | None = None
+    """CA bundle that verifies the server (with ssl); None: the system's."""
     private_key: Path | None = None
+    """With certificate_chain: the client key for mutual TLS."""
     certificate_chain: Path | None = None
+    """With private_key: the client certificate for mutual TLS."""
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for tritonclient.grpc.InferenceServerClient."""
@@ -116,7 +170,10 @@ class ServerSpec:
 
 @dataclass(frozen=True)
 class SidecarSpec:
+    """``[sidecar]``: continuous training (``forseti train --continuous``)."""
+
     promote_every_timesteps: int | None = None
+    """Env steps between promotion attempts; None: every checkpoint.interval_timesteps."""
 
 
 @dataclass(frozen=True)
@@ -159,22 +216,45 @@ class TrainingSpec:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
-class _Section:
-    """Reads one TOML table, remembering which keys were used so leftovers are reported."""
+# get()'s default when the caller passes none: the dataclass field's own default.
+_FIELD_DEFAULT: Any = object()
 
-    def __init__(self, source: str, name: str, table: Any) -> None:
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """Field name -> its default (default_factory called), or MISSING for a required field."""
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+        else:
+            defaults[f.name] = dataclasses.MISSING
+    return defaults
+
+
+class _Section:
+    """Reads one TOML table into the fields of ``cls``, remembering which keys were used so
+    leftovers are reported. A key left out takes its field's default (required without one)."""
+
+    def __init__(self, source: str, name: str, table: Any, cls: type) -> None:
         if not isinstance(table, dict):
             raise SpecError(source, name, f"must be a table, got {type(table).__name__}")
         self.source, self.name, self.table = source, name, table
+        self.defaults = _field_defaults(cls)
         self.used: set[str] = set()
 
     def _field(self, key: str) -> str:
         return f"{self.name}.{key}"
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _FIELD_DEFAULT) -> Any:
+        """The value of ``key``, of type ``kind``; left out: ``default`` (only for a default
+        derived from other fields), else the field's default."""
         self.used.add(key)
         if key not in self.table:
-            if default is ...:
+            if default is _FIELD_DEFAULT:
+                default = self.defaults[key]
+            if default is dataclasses.MISSING:
                 raise SpecError(self.source, self._field(key), "is required")
             return default
         value = self.table[key]
@@ -187,7 +267,7 @@ class _Section:
             )
         return value
 
-    def positive(self, key: str, default: Any = ..., maximum: int | None = None) -> Any:
+    def positive(self, key: str, default: Any = _FIELD_DEFAULT, maximum: int | None = None) -> Any:
         value = self.get(key, int, default)
         if value is not None and value <= 0:
             raise SpecError(self.source, self._field(key), f"must be > 0, got {value}")
@@ -195,18 +275,19 @@ class _Section:
             raise SpecError(self.source, self._field(key), f"must be <= {maximum}, got {value}")
         return value
 
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> Any:
-        value = self.get(key, str, default)
+    def choice(self, key: str, choices: tuple[str, ...]) -> Any:
+        value = self.get(key, str)
         if value is not None and value not in choices:
             raise SpecError(
                 self.source, self._field(key), f"{value!r} is not one of {', '.join(choices)}"
             )
         return value
 
-    def path(self, key: str, base: Path, default: Any = ...) -> Path | None:
+    def path(self, key: str, base: Path, default: Any = _FIELD_DEFAULT) -> Path | None:
+        """A path; a relative one (written or default) is taken from ``base``."""
         value = self.get(key, str, default)
-        if value is None or isinstance(value, Path):
-            return value
+        if value is None:
+            return None
         path = Path(value).expanduser()
         return path if path.is_absolute() else base / path
 
@@ -216,12 +297,14 @@ class _Section:
             raise SpecError(self.source, self._field(unknown[0]), "unknown field")
 
 
-def _section(source: str, data: dict[str, Any], name: str, required: bool = True) -> _Section:
+def _section(
+    source: str, data: dict[str, Any], name: str, cls: type, required: bool = True
+) -> _Section:
     if name not in data:
         if required:
             raise SpecError(source, name, "table is required")
-        return _Section(source, name, {})
-    return _Section(source, name, data[name])
+        return _Section(source, name, {}, cls)
+    return _Section(source, name, data[name], cls)
 
 
 def _check_env_id(source: str, env_id: str) -> None:
@@ -283,8 +366,8 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
         if key not in allowed:
             raise SpecError(source, key, "unknown table")
 
-    s = _section(source, data, "model")
-    formats = s.get("formats", list, ["onnx"])
+    s = _section(source, data, "model", PublishedModelSpec)
+    formats = s.get("formats", list)
     for fmt in formats:
         if fmt not in FORMATS:
             raise SpecError(source, "model.formats", f"{fmt!r} is not one of {', '.join(FORMATS)}")
@@ -293,27 +376,27 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
     model = PublishedModelSpec(
         name=s.get("name", str),
         repository=s.path("repository", base),
-        max_batch_size=s.positive("max_batch_size", 64),
+        max_batch_size=s.positive("max_batch_size"),
         formats=tuple(dict.fromkeys(formats)),
-        gguf_type=s.choice("gguf_type", GGUF_TYPES, "F32"),
+        gguf_type=s.choice("gguf_type", GGUF_TYPES),
     )
     if not model.name or "/" in model.name or model.name.startswith("."):
         raise SpecError(source, "model.name", f"{model.name!r} is not a usable folder name")
     s.finish()
 
-    s = _section(source, data, "env")
+    s = _section(source, data, "env", EnvSpec)
     env = EnvSpec(
         id=s.get("id", str),
-        n_envs=s.positive("n_envs", 8, maximum=MAX_ENVS),
-        vectorization=s.choice("vectorization", VECTORIZATION, "dummy"),
-        normalize_observations=s.get("normalize_observations", bool, False),
-        kwargs=s.get("kwargs", dict, {}),
+        n_envs=s.positive("n_envs", maximum=MAX_ENVS),
+        vectorization=s.choice("vectorization", VECTORIZATION),
+        normalize_observations=s.get("normalize_observations", bool),
+        kwargs=s.get("kwargs", dict),
     )
     s.finish()
     _check_env_id(source, env.id)
 
-    s = _section(source, data, "algorithm")
-    net_arch = s.get("net_arch", list, None)
+    s = _section(source, data, "algorithm", AlgorithmSpec)
+    net_arch = s.get("net_arch", list)
     if net_arch is not None and (
         not net_arch
         or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in net_arch)
@@ -322,53 +405,51 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
     algorithm = AlgorithmSpec(
         name=s.choice("name", ALGORITHMS),
         total_timesteps=s.positive("total_timesteps"),
-        seed=s.get("seed", int, 0),
-        policy=s.choice("policy", ("MlpPolicy",), "MlpPolicy"),
-        hyperparameters=s.get("hyperparameters", dict, {}),
+        seed=s.get("seed", int),
+        policy=s.choice("policy", ("MlpPolicy",)),
+        hyperparameters=s.get("hyperparameters", dict),
         net_arch=tuple(net_arch) if net_arch else None,
-        activation=s.choice("activation", ACTIVATIONS, None),
-        torch_threads=s.positive("torch_threads", 1),
+        activation=s.choice("activation", ACTIVATIONS),
+        torch_threads=s.positive("torch_threads"),
     )
     s.finish()
     _check_hyperparameters(source, algorithm.name, algorithm.hyperparameters)
 
-    base_dir = base / "runs"
-    s = _section(source, data, "checkpoint", required=False)
+    s = _section(source, data, "checkpoint", CheckpointSpec, required=False)
     checkpoint = CheckpointSpec(
-        directory=s.path("directory", base, str(base_dir / f"{model.name}")),
-        interval_timesteps=s.positive("interval_timesteps", algorithm.total_timesteps),
-        keep=s.positive("keep", 3),
+        # Both defaults derive from other fields, as the fields' docstrings say.
+        directory=s.path("directory", base, default=base / "runs" / model.name),
+        interval_timesteps=s.positive("interval_timesteps", default=algorithm.total_timesteps),
+        keep=s.positive("keep"),
     )
     s.finish()
 
-    s = _section(source, data, "evaluation", required=False)
-    margin = s.get("margin", (int, float), 0.0)
+    s = _section(source, data, "evaluation", EvaluationSpec, required=False)
     evaluation = EvaluationSpec(
-        episodes=s.positive("episodes", 10),
-        seed=s.get("seed", int, 10_000),
-        margin=float(margin),
-        parity_observations=s.positive("parity_observations", 1000),
+        episodes=s.positive("episodes"),
+        seed=s.get("seed", int),
+        margin=float(s.get("margin", (int, float))),
+        parity_observations=s.positive("parity_observations"),
     )
     s.finish()
 
-    s = _section(source, data, "server", required=False)
-    metrics_port = s.get("metrics_port", int, None)
+    s = _section(source, data, "server", ServerSpec, required=False)
+    metrics_port = s.get("metrics_port", int)
     if metrics_port is not None and not 0 <= metrics_port < 65536:
         raise SpecError(source, "server.metrics_port", f"{metrics_port} is not a port")
-    ready_timeout = s.get("ready_timeout_s", (int, float), 60.0)
     server = ServerSpec(
-        url=s.get("url", str, "127.0.0.1:8001"),
-        keyring=s.path("keyring", base, "keyring.json"),
-        token_header=s.get("token_header", str, None),
-        token_file=s.path("token_file", base, None),
+        url=s.get("url", str),
+        keyring=s.path("keyring", base),
+        token_header=s.get("token_header", str),
+        token_file=s.path("token_file", base),
         metrics_port=metrics_port,
-        metrics_address=s.get("metrics_address", str, "127.0.0.1"),
-        audit_log=s.path("audit_log", base, None),
-        ready_timeout_s=float(ready_timeout),
-        ssl=s.get("ssl", bool, False),
-        root_certificates=s.path("root_certificates", base, None),
-        private_key=s.path("private_key", base, None),
-        certificate_chain=s.path("certificate_chain", base, None),
+        metrics_address=s.get("metrics_address", str),
+        audit_log=s.path("audit_log", base),
+        ready_timeout_s=float(s.get("ready_timeout_s", (int, float))),
+        ssl=s.get("ssl", bool),
+        root_certificates=s.path("root_certificates", base),
+        private_key=s.path("private_key", base),
+        certificate_chain=s.path("certificate_chain", base),
     )
     if (server.private_key is None) != (server.certificate_chain is None):
         raise SpecError(
@@ -380,8 +461,8 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
         raise SpecError(source, "server.token_file", "token_header and token_file go together")
     s.finish()
 
-    s = _section(source, data, "sidecar", required=False)
-    sidecar = SidecarSpec(promote_every_timesteps=s.positive("promote_every_timesteps", None))
+    s = _section(source, data, "sidecar", SidecarSpec, required=False)
+    sidecar = SidecarSpec(promote_every_timesteps=s.positive("promote_every_timesteps"))
     s.finish()
 
     spec = TrainingSpec(
@@ -447,11 +528,16 @@ def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise SpecError("spec dict", where or "spec", f"must be a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    defaults = _field_defaults(cls)
+    unknown = sorted(set(data) - set(defaults))
     if unknown:
         raise SpecError("spec dict", f"{where}.{unknown[0]}".lstrip("."), "unknown field")
-    # Fields left out take their defaults; a missing required one fails in cls(...) below.
+    missing = [
+        name for name, d in defaults.items() if d is dataclasses.MISSING and name not in data
+    ]
+    if missing:
+        raise SpecError("spec dict", f"{where}.{missing[0]}".lstrip("."), "is required")
+    # Fields left out take their defaults.
     kwargs = {
         name: _from_plain(value, hints[name], f"{where}.{name}".lstrip("."))
         for name, value in data.items()
