@@ -30,7 +30,7 @@ lint: $(VENV)/.installed-dev
 	$(PY) -m ruff format --check .
 
 bench: $(VENV)/.installed-dev
-	$(PY) -m loadtests.bench_latency
+	$(PY) -m benchmarks.bench_latency
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,1 +1,2 @@
-"""Load tests and benchmark scripts, installed as `forseti.loadtests` (`forseti loadtest`)."""
+"""`forseti loadtest`: the locust users and their runner, installed as `forseti.loadtests`.
+The benchmark scripts live in benchmarks/ (not installed)."""

@@ -12,7 +12,8 @@ from forseti.core.logs import configure_logging
 log = logging.getLogger(__name__)
 
 
-def _serve_parser() -> argparse.ArgumentParser:
+def serve_parser() -> argparse.ArgumentParser:
+    """The command line of `forseti serve`: its flags, defaults and help."""
     p = argparse.ArgumentParser(
         prog="forseti serve",
         description=(
@@ -157,7 +158,7 @@ def _bool(text: str) -> bool:
 
 
 def main_serve(argv: list[str]) -> int:
-    args = _serve_parser().parse_args(argv)
+    args = serve_parser().parse_args(argv)
     configure_logging(args.log_level)
     from forseti.server.app import ServerOptions, StartupError, run
     from forseti.server.security.tls import GrpcTlsOptions

@@ -1,7 +1,7 @@
 """Faults with real processes and real signals: the server, a publisher or a client is killed
 with SIGKILL, an artifact is damaged under a loaded version, clients walk away mid-call.
 
-Load comes from the harness of `loadtests/swap_under_load.py`: closed-loop tritonclient.grpc
+Load comes from the hot-swap harness of `testkit/swap_harness.py`: closed-loop tritonclient.grpc
 clients in spawned processes calling `policy` with no version named, every answer recorded
 with its time and `model_version` (policy_onnx(N) answers action N % 4, and versions N here
 are built with tag N).
@@ -30,9 +30,9 @@ from tritonclient.utils import InferenceServerException
 from forseti.core.repository.publish import TEMP_PREFIX
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import seal_bytes
-from loadtests.swap_under_load import Calls, ClientPool
 from testkit.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
 from testkit.server_process import ServerProcess
+from testkit.swap_harness import Calls, ClientPool
 from tests.test_shutdown import SLOW_CONFIG, WIDTH, slow_onnx
 from tests.test_swap import index_entries, infer_policy, wait_for
 

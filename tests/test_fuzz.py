@@ -1,7 +1,7 @@
 """Bad input at volume: malformed ModelInfer and ModelStreamInfer requests against a real server.
 
-Hypothesis draws the requests from `loadtests/fuzz_requests.py` (the same strategies as the
-10,000-request run of `loadtests/fuzz_run.py`), with a fixed seed and a bounded count:
+Hypothesis draws the requests from `testkit/fuzz_requests.py` (the same strategies as the
+10,000-request run of `benchmarks/fuzz_run.py`), with a fixed seed and a bounded count:
 2,000 ModelInfer calls and 120 streams of a few malformed messages each (about 500), each
 stream closed by a valid request it must still answer. Every call must get a proper status:
 never UNKNOWN or INTERNAL, never a hang past the deadline, never a status the client cannot
@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from tritonclient.grpc import service_pb2 as pb
 
-from loadtests.fuzz_requests import (
+from testkit.fuzz_requests import (
     MODEL_NAMES,
     MODELS,
     Case,

@@ -1,6 +1,6 @@
 """Hot swaps under 16 concurrent clients lose no call, in explicit and in poll mode.
 
-The harness of `loadtests/swap_under_load.py` (the 50-swap benchmark) with fewer swaps: 16
+The harness of `testkit/swap_harness.py` (the 50-swap benchmark's) with fewer swaps: 16
 closed-loop tritonclient.grpc clients over 4 spawned processes call `policy` with no version
 named while 8 new versions are published and swapped in one after the other.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.swap_under_load import ClientPool, Tolerances, run_mode
+from testkit.swap_harness import ClientPool, Tolerances, run_mode
 
 SWAPS = 8
 CLIENTS = 16

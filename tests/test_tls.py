@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from forseti.core.sealing.keyring import Keyring
 from forseti.server.app import ServerOptions
-from forseti.server.cli import _serve_parser
+from forseti.server.cli import serve_parser
 from forseti.server.security.tls import (
     GrpcTlsOptions,
     TlsError,
@@ -302,7 +302,7 @@ def test_metrics_key_without_a_certificate_is_refused(certs: Certificates) -> No
 
 
 def test_metrics_bind_to_loopback_by_default() -> None:
-    args = _serve_parser().parse_args(["--model-repository", "r"])
+    args = serve_parser().parse_args(["--model-repository", "r"])
     assert args.metrics_address == "127.0.0.1"
     assert ServerOptions(model_repository=Path("r")).metrics_address == "127.0.0.1"
     assert is_loopback(args.metrics_address)
@@ -310,7 +310,7 @@ def test_metrics_bind_to_loopback_by_default() -> None:
 
 
 def test_grpc_use_ssl_takes_triton_style_booleans() -> None:
-    parse = _serve_parser().parse_args
+    parse = serve_parser().parse_args
     base = ["--model-repository", "r"]
     assert parse([*base, "--grpc-use-ssl"]).grpc_use_ssl is True
     assert parse([*base, "--grpc-use-ssl=true"]).grpc_use_ssl is True

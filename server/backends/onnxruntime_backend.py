@@ -45,7 +45,9 @@ def instance_count(config: mc.ModelConfig) -> int:
     return max(total, 1)
 
 
-def _session_options(config: mc.ModelConfig) -> ort.SessionOptions:
+def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
+    """The options every session of `config` is built with (the latency benchmark's
+    onnxruntime floor builds its session with the same)."""
     so = ort.SessionOptions()
     # One intra-op thread: a batch-1 policy decision is microseconds of work, and waking a
     # thread pool costs more than it saves. Triton's parameter names override.
@@ -113,7 +115,7 @@ class OnnxRuntimeBackend:
     def __init__(self, spec: ModelSpec, model_bytes: bytes) -> None:
         self.providers = choose_providers(spec.config, ort.get_available_providers())
         self.instance_count = instance_count(spec.config)
-        options = _session_options(spec.config)
+        options = session_options(spec.config)
         try:
             sessions = [
                 ort.InferenceSession(model_bytes, options, providers=self.providers)
@@ -140,4 +142,4 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self._sessions.clear()
-        self._first = None  # type: ignore[assignment]
+        self._first = None

@@ -26,9 +26,9 @@ It is a benchmark, not a test: it exits 0 whatever the numbers are, unless the r
 failed. Timings depend on what else runs on the machine: the load average before and after is
 printed with them.
 
-    .venv/bin/python -m loadtests.bench_training            # ~4 minutes on 2 cores
-    .venv/bin/python -m loadtests.bench_training --quick    # ~2 minutes, shorter windows
-    .venv/bin/python -m loadtests.bench_training --n-envs 32 --vectorization dummy --json out.json
+    .venv/bin/python -m benchmarks.bench_training            # ~4 minutes on 2 cores
+    .venv/bin/python -m benchmarks.bench_training --quick    # ~2 minutes, shorter windows
+    .venv/bin/python -m benchmarks.bench_training --n-envs 32 --vectorization dummy --json out.json
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ What it does, in one run:
     b<D>x<N>   the same with instance_group [ { count: N kind: KIND_CPU } ]
   e.g. `mlp_direct`, `mlp_b500`, `cnn_b0x2`, all served by one `forseti serve`;
 * checks that every variant answers a request exactly like its family's `direct` model;
-* drives them with the client worker processes of `loadtests.bench_latency` (real
+* drives them with the client worker processes of `testkit.load_generator` (real
   `tritonclient.grpc`, one connection per client, closed loops, batch-1 requests): at each
   concurrency level the variants of one family alternate in short slices (ABCCBA order, the
   first part of each slice not recorded) so that all see the same machine;
@@ -26,9 +26,9 @@ What it does, in one run:
 It is a benchmark, not a test: it exits 0 whatever the numbers are, unless the run itself
 failed (exit 2).
 
-    .venv/bin/python -m loadtests.bench_batching                        # ~2.5 minutes
-    .venv/bin/python -m loadtests.bench_batching --duration 4 --json out.json
-    .venv/bin/python -m loadtests.bench_batching --families mlp --variants direct,b0,b500x2
+    .venv/bin/python -m benchmarks.bench_batching                        # ~2.5 minutes
+    .venv/bin/python -m benchmarks.bench_batching --duration 4 --json out.json
+    .venv/bin/python -m benchmarks.bench_batching --families mlp --variants direct,b0,b500x2
 """
 
 from __future__ import annotations
@@ -48,15 +48,11 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # path-based invocation, and spawned workers
-    sys.path.insert(0, str(REPO_ROOT))
-
 # Kept light on purpose: the spawned client workers import this module too.
-import numpy as np  # noqa: E402
-import tritonclient.grpc as grpcclient  # noqa: E402
+import numpy as np
+import tritonclient.grpc as grpcclient
 
-from loadtests.bench_latency import LoadGenerator, Target, _tail  # noqa: E402
+from testkit.load_generator import LoadGenerator, Target
 
 MAX_BATCH = 64
 DEFAULT_VARIANTS = "direct,b0,b500,b2000,b0x2"
@@ -383,7 +379,7 @@ def run_benchmark(args: argparse.Namespace) -> list[Row]:
                 load.close()
             code = server.stop()
             if code not in (0, None):
-                print(f"forseti exited with {code}:\n{_tail(root / 'forseti.log')}")
+                print(f"forseti exited with {code}:\n{server.log()}")
     return rows
 
 
@@ -436,7 +432,7 @@ def print_report(rows: list[Row], args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m loadtests.bench_batching",
+        prog="python -m benchmarks.bench_batching",
         description=(
             "Throughput and p50/p99 of batch-1 requests with and without dynamic batching, on "
             "an MLP of width 1024 and a small CNN, at several concurrencies."

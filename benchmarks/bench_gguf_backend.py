@@ -16,8 +16,8 @@ What it does, in one run:
 Timings on a shared 2-CPU machine are noisy; the ABBA alternation keeps the comparison fair
 but not the absolute figures. A benchmark, not a test: exits 0 unless the run failed.
 
-    .venv/bin/python -m loadtests.bench_gguf_backend            # ~1 minute
-    .venv/bin/python -m loadtests.bench_gguf_backend --calls 500 --rounds 3 --json out.json
+    .venv/bin/python -m benchmarks.bench_gguf_backend            # ~1 minute
+    .venv/bin/python -m benchmarks.bench_gguf_backend --calls 500 --rounds 3 --json out.json
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # path-based invocation
-    sys.path.insert(0, str(REPO_ROOT))
 
 MODELS = ("onnx", "gguf_f32", "gguf_f16", "gguf_q8_0")
 OUTPUTS = ["action", "value", "logits"]
@@ -167,7 +163,7 @@ def print_report(rows: list[Row]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m loadtests.bench_gguf_backend",
+        prog="python -m benchmarks.bench_gguf_backend",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

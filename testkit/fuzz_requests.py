@@ -1,7 +1,7 @@
 """Malformed ModelInfer requests for fuzzing the server, as hypothesis strategies, and the
 judge of what the server answered.
 
-Shared by `tests/test_fuzz.py` (fixed seed, bounded count, in CI) and `loadtests/fuzz_run.py`
+Shared by `tests/test_fuzz.py` (fixed seed, bounded count, in CI) and `benchmarks/fuzz_run.py`
 (10,000+ of each kind, prints a table). Both run against the standard test repository of
 `testkit/model_builders.build_repository`: `policy`, `simple` and `all_types`.
 

@@ -17,8 +17,8 @@ Both cp and the converter read the checkpoint from the page cache (it was just w
 the comparison is between the two, not against the disk. It is a benchmark, not a test: it
 exits 0 whatever the numbers are, unless the run failed (exit 2).
 
-    .venv/bin/python -m loadtests.bench_gguf_convert               # ~2.2 GB, a few minutes
-    .venv/bin/python -m loadtests.bench_gguf_convert --size-gb 0.5 --seal --json out.json
+    .venv/bin/python -m benchmarks.bench_gguf_convert               # ~2.2 GB, a few minutes
+    .venv/bin/python -m benchmarks.bench_gguf_convert --size-gb 0.5 --seal --json out.json
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TARGET_SECONDS = 300.0
 SEVEN_B_BF16_BYTES = 7_000_000_000 * 2
@@ -162,12 +160,8 @@ def time_convert(
     argv = [sys.executable, "-c", _CHILD, str(src), str(out), outtype]
     if keyring_path is not None:
         argv.append(str(keyring_path))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
     started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"converter failed ({outtype}): {done.stderr[-2000:]}")
@@ -201,7 +195,7 @@ def print_report(rows: list[Row], size: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m loadtests.bench_gguf_convert",
+        prog="python -m benchmarks.bench_gguf_convert",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -8,7 +8,7 @@ What it does, in one run:
 * checks each model answers a valid request, then sends a warm-up batch (the biggest
   messages of the run, then drawn ones, unary and stream);
 * sends `--count` malformed ModelInfer requests, one at a time, each drawn by hypothesis from
-  `loadtests/fuzz_requests.malformed_cases` (mutated valid requests: wrong datatypes,
+  `testkit/fuzz_requests.malformed_cases` (mutated valid requests: wrong datatypes,
   shapes, huge or negative dims, byte counts, missing / extra / duplicate tensors, raw and
   typed contents mixed, parameters of every kind with odd values, odd model names and
   versions; random requests; invalid UTF-8 in every string field, crafted on the wire;
@@ -31,9 +31,9 @@ If the server dies, the crash is counted with the request that preceded it, and 
 is started so the run can go on. It exits 1 if the server crashed, any breach came back, the
 final valid request failed, or RSS grew by more than `--max-rss-growth-mb`; otherwise 0.
 
-    .venv/bin/python -m loadtests.fuzz_run                         # 10,000 of each, ~4 minutes
-    .venv/bin/python -m loadtests.fuzz_run --count 2000 --stream-count 500 --seed 7
-    .venv/bin/python loadtests/fuzz_run.py --save-failures /tmp/fuzz-failures
+    .venv/bin/python -m benchmarks.fuzz_run                        # 10,000 of each, ~4 minutes
+    .venv/bin/python -m benchmarks.fuzz_run --count 2000 --stream-count 500 --seed 7
+    .venv/bin/python -m benchmarks.fuzz_run --save-failures /tmp/fuzz-failures
 """
 
 from __future__ import annotations
@@ -49,15 +49,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # path-based invocation
-    sys.path.insert(0, str(REPO_ROOT))
+import grpc
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, seed, settings
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
-
-from loadtests.fuzz_requests import (  # noqa: E402
+from testkit.fuzz_requests import (
     BAD,
     MODEL_NAMES,
     Case,

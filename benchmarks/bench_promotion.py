@@ -3,7 +3,7 @@ export + parity time, gate time (lockstep batches vs one episode at a time), and
 publish-to-serving time (rename of the new version folder -> first version-less answer from it),
 with the server in explicit mode (RepositoryModelLoad) and in poll mode, in the same run.
 
-    .venv/bin/python -m loadtests.bench_promotion [--promotions 10] [--poll-secs 1]
+    .venv/bin/python -m benchmarks.bench_promotion [--promotions 10] [--poll-secs 1]
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # path-based invocation
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-
 SPEC = REPO_ROOT / "examples" / "cartpole_ppo.toml"
 TARGET = 475.0
 EVAL_EPISODES = 20

@@ -5,7 +5,7 @@ It uses the same generated stubs (`tritonclient.grpc.service_pb2_grpc`) and the 
 server options as `forseti serve` (server/app.py), so the gap between it and Forseti is the
 cost of Forseti's own request path: routing, decoding, the backend call, encoding, statistics.
 
-    python -m loadtests.empty_servicer --port 8101 [--address 127.0.0.1]
+    python -m benchmarks.empty_servicer --port 8101 [--address 127.0.0.1]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ async def serve(address: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m loadtests.empty_servicer",
+        prog="python -m benchmarks.empty_servicer",
         description="Triton gRPC servicer whose ModelInfer does no work (latency floor).",
     )
     p.add_argument("--port", type=int, required=True)
