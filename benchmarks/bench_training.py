@@ -180,7 +180,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 def measure_checkpoint(model: Any, spec: Any, repeats: int) -> float:
     from forseti.core.sealing.keyring import Keyring
-    from forseti.trainer_sidecar.checkpoint import save_checkpoint
+    from forseti.trainer_sidecar.checkpoint_sb3 import save_checkpoint
 
     keyring = Keyring.generate()
     return _median_ms(
