@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test typecheck lint bench clean
 
 $(VENV)/.installed-dev: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ demo: $(VENV)/.installed-train
 
 test: $(VENV)/.installed-train
 	$(PY) -m ruff check .
+	$(PY) tools/typecheck.py
 	$(PY) -m pytest -q
+
+# mypy, with the settings in pyproject.toml's [tool.mypy]. It needs the training extra: the
+# trainer and the exporters are checked against torch's and stable-baselines3's types.
+typecheck: $(VENV)/.installed-train
+	$(PY) tools/typecheck.py
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
@@ -33,4 +39,4 @@ bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.bench_latency
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

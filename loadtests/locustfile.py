@@ -52,6 +52,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import locust  # first: it monkey-patches the process with gevent
 import locust.runners
@@ -99,7 +100,9 @@ def fine_bucket_response_time(response_time: float) -> float:
 
 
 if getattr(locust.stats.bucket_response_time, "__name__", "") != "fine_bucket_response_time":
-    locust.stats.bucket_response_time = fine_bucket_response_time
+    # locust annotates its buckets `int`, but it only uses them as keys of its histogram: the
+    # float buckets here are what a finer histogram needs.
+    locust.stats.bucket_response_time = fine_bucket_response_time  # type: ignore[assignment]
 
 # Workers report to the master every second (locust's default is 3), so the master's
 # latency-over-time window can be short.
@@ -389,8 +392,15 @@ class _TritonUser(User):
             self.client.close()
             raise
 
-    def _set_up(self) -> bool:
-        """Metadata -> input data; a failed attempt is reported and retried by the next task."""
+    def _ready_calls(self) -> Iterator[list] | None:
+        """The calls to make, set up first if they are not yet; None while set-up fails."""
+        if self.calls is None:
+            self._set_up()
+        return self.calls
+
+    def _set_up(self) -> None:
+        """Metadata -> input data (self.calls); a failed attempt is reported, leaves self.calls
+        None and is retried by the next task."""
         start = time.perf_counter()
         try:
             if not self.model:
@@ -412,7 +422,7 @@ class _TritonUser(User):
         except InferenceServerException as exc:
             self._fire(SETUP, self.model or "?", start, 0, exc)
             gevent.sleep(SETUP_RETRY_S)
-            return False
+            return
         except ValueError as exc:  # a wrong option: no point in calling at all
             log.error("forseti locustfile: %s", exc)
             self.environment.events.user_error.fire(
@@ -421,7 +431,6 @@ class _TritonUser(User):
             raise StopUser() from exc
         label = self.model + (f":{self.version}" if self.version else "")
         self.name = f"{label} b{self.batch_size}"
-        return True
 
     def _fire(self, request_type: str, name: str, start: float, length: int, exc) -> None:
         self.environment.events.request.fire(
@@ -444,9 +453,10 @@ class TritonUnaryUser(_TritonUser):
 
     @locust.task
     def decide(self) -> None:
-        if self.calls is None and not self._set_up():
+        calls = self._ready_calls()
+        if calls is None:
             return
-        inputs = next(self.calls)
+        inputs = next(calls)
         _InFlight.now += 1
         _InFlight.peak = max(_InFlight.peak, _InFlight.now)
         start = time.perf_counter()
@@ -469,7 +479,7 @@ class TritonStreamUser(_TritonUser):
 
     def on_start(self) -> None:
         self._ids = itertools.count(1)
-        self._pending: tuple[str, AsyncResult] | None = None
+        self._pending: tuple[str, AsyncResult[tuple[Any, Any]]] | None = None
         self._streaming = False
         super().on_start()
 
@@ -490,7 +500,8 @@ class TritonStreamUser(_TritonUser):
 
     @locust.task
     def decide(self) -> None:
-        if self.calls is None and not self._set_up():
+        calls = self._ready_calls()
+        if calls is None:
             return
         if not self._streaming:
             start = time.perf_counter()
@@ -501,9 +512,9 @@ class TritonStreamUser(_TritonUser):
                 gevent.sleep(SETUP_RETRY_S)
                 return
             self._streaming = True
-        inputs = next(self.calls)
+        inputs = next(calls)
         request_id = str(next(self._ids))
-        answer = AsyncResult()
+        answer: AsyncResult[tuple[Any, Any]] = AsyncResult()
         broken = False  # the stream itself failed: the next call starts a new one
         _InFlight.now += 1
         _InFlight.peak = max(_InFlight.peak, _InFlight.now)
@@ -511,7 +522,11 @@ class TritonStreamUser(_TritonUser):
         try:
             self._pending = (request_id, answer)
             self.client.async_stream_infer(self.model, inputs, self.version, request_id=request_id)
-            result, error = answer.get(timeout=self.timeout)
+            answered = answer.get(timeout=self.timeout)
+            # _on_response always sets a (result, error) pair; gevent types get() Optional only
+            # because set() may be given no value
+            assert answered is not None
+            result, error = answered
             # an error with a gRPC status ended the stream; one without is a failed request
             broken = error is not None and error.status() is not None
         except gevent.Timeout:

@@ -251,8 +251,18 @@ def _ms(value: float | None) -> str:
 
 def format_table(result: Result) -> str:
     rows = [*result.rows, result.total]
-    headers = ("type", "name", "reqs", "fails", "fail %", "req/s", "p50 ms", "p90 ms", "p99 ms")
-    headers = (*headers, "max ms")
+    headers = (
+        "type",
+        "name",
+        "reqs",
+        "fails",
+        "fail %",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+    )
     cells = [
         (
             r.type,
@@ -477,9 +487,13 @@ def run(args) -> Result:
         stop_timeout=_stop_timeout(args),
     )
     procs: list[subprocess.Popen] = []
+    runner: locust.runners.Runner
+    master: locust.runners.MasterRunner | None = None  # with worker processes
     if workers:
         port = _free_port()
-        runner = env.create_master_runner(master_bind_host="127.0.0.1", master_bind_port=port)
+        runner = master = env.create_master_runner(
+            master_bind_host="127.0.0.1", master_bind_port=port
+        )
         command = [
             sys.executable,
             "-m",
@@ -503,15 +517,15 @@ def run(args) -> Result:
     helpers: list = []
     finished = False
     try:
-        if workers:
+        if master is not None:
             deadline = time.monotonic() + WORKER_CONNECT_TIMEOUT_S
-            while len(runner.clients.ready) < workers:
+            while len(master.clients.ready) < workers:
                 dead = [p.returncode for p in procs if p.poll() is not None]
                 if dead:
                     raise SetupError(f"a locust worker exited with status {dead[0]} at start")
                 if time.monotonic() > deadline:
                     raise SetupError(
-                        f"only {len(runner.clients.ready)} of {workers} locust workers connected "
+                        f"only {len(master.clients.ready)} of {workers} locust workers connected "
                         f"in {WORKER_CONNECT_TIMEOUT_S:.0f} s"
                     )
                 gevent.sleep(0.1)
@@ -533,8 +547,8 @@ def run(args) -> Result:
                 gevent.sleep(1.0)
                 total = runner.stats.total  # a new object after start() clears the stats
                 cpu = (
-                    [w.cpu_usage for w in runner.clients.values()]
-                    if workers
+                    [w.cpu_usage for w in master.clients.values()]
+                    if master is not None
                     else [runner.current_cpu_usage]
                 )
                 peak_cpu[0] = max([peak_cpu[0], *cpu])
@@ -552,8 +566,8 @@ def run(args) -> Result:
         helpers.append(gevent.spawn(sample))
         helpers.append(gevent.spawn(runner.start, args.users, spawn_rate))
         gevent.sleep(args.duration)
-        if workers:
-            _quit_master(runner, procs, _stop_timeout(args) + 10)
+        if master is not None:
+            _quit_master(master, procs, _stop_timeout(args) + 10)
         else:
             runner.quit()
         finished = True

@@ -140,7 +140,7 @@ class OnnxRuntimeBackend:
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
         if self.instance_count == 1:
             if self._run_one is not None:
-                return self._run_one(output_names, feeds, None)  # type: ignore[no-any-return]
+                return self._run_one(output_names, feeds, None)
             assert self._first is not None, "backend used after close"
             return self._first.run(output_names, feeds)
         session = self._free.get()

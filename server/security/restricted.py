@@ -29,7 +29,7 @@ import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -303,14 +303,17 @@ def _presented(metadata: Sequence[Any] | None, header: str) -> str | None:
 
 RefusalHook = Callable[[str, dict[str, str]], Awaitable[None]]
 
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
 
 def _refusal(
-    handler: grpc.RpcMethodHandler,
+    handler: grpc.RpcMethodHandler[_Request, _Response],
     method: str,
     group: ProtocolGroup,
     missing: bool,
     on_refused: RefusalHook | None = None,
-) -> grpc.RpcMethodHandler:
+) -> grpc.RpcMethodHandler[_Request, _Response]:
     """The same kind of handler as `handler`, which refuses the call without running it."""
     if missing:
         code = grpc.StatusCode.UNAUTHENTICATED
@@ -344,12 +347,18 @@ def _refusal(
         await context.abort(code, with_request_id(message, request_id))
 
     if handler.unary_unary is not None:
-        return handler._replace(unary_unary=refuse)
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=refuse)
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=refuse)
-    return handler._replace(stream_stream=refuse)
+        make = grpc.unary_unary_rpc_method_handler
+    elif handler.unary_stream is not None:
+        make = grpc.unary_stream_rpc_method_handler
+    elif handler.stream_unary is not None:
+        make = grpc.stream_unary_rpc_method_handler
+    else:
+        make = grpc.stream_stream_rpc_method_handler
+    return make(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
@@ -364,9 +373,11 @@ class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Request, _Response] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[_Request, _Response] | None:
         group = self.by_method.get(handler_call_details.method)
         if group is None:
             return await continuation(handler_call_details)
@@ -394,11 +405,11 @@ class CallerIdentity:
     token_group: str | None  # the restricted group whose token the call presented, or None
 
 
-def _first(auth: Mapping[str, Sequence[bytes]], key: str) -> str | None:
-    values = auth.get(key)
-    if not values:
+def _first(auth: Mapping[str, Iterable[bytes]], key: str) -> str | None:
+    value = next(iter(auth.get(key, ())), None)
+    if value is None:
         return None
-    return values[0].decode("utf-8", "replace")
+    return value.decode("utf-8", "replace")
 
 
 def caller_identity(context: grpc.aio.ServicerContext) -> CallerIdentity:
