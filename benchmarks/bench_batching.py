@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def cnn_onnx(
     return _model_bytes(graph)
 
 
-BUILDERS = {"mlp": mlp_onnx, "cnn": cnn_onnx}
+BUILDERS: dict[str, Callable[..., bytes]] = {"mlp": mlp_onnx, "cnn": cnn_onnx}
 
 _VARIANT = re.compile(r"^(?:direct|b(\d+))(?:x(\d+))?$")
 

@@ -220,7 +220,7 @@ def _median(values: list[float]) -> float:
 
 
 def summarise(rounds: list[Round], levels: list[int]) -> dict:
-    table = {}
+    table: dict[str, dict[int, dict[str, object]]] = {}
     for target in TARGET_NAMES:
         table[target] = {}
         for c in levels:
@@ -233,9 +233,10 @@ def summarise(rounds: list[Round], levels: list[int]) -> dict:
                 "calls": int(_median([m.calls for m in ms])),
                 "layout": ms[0].layout,
             }
-            if all(m.server_us for m in ms):
+            stages = [m.server_us for m in ms if m.server_us]
+            if len(stages) == len(ms):
                 table[target][c]["server_us"] = {
-                    k: _median([m.server_us[k] for m in ms]) for k in ms[0].server_us
+                    k: _median([s[k] for s in stages]) for k in stages[0]
                 }
     targets = {}
     lo, hi = min(levels), max(levels)

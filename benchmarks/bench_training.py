@@ -213,6 +213,8 @@ def measure_export(model: Any, spec: Any, repeats: int) -> float:
 def bench_config(
     n_envs: int, vectorization: str, settings: Settings, spec_path: Path = SPEC_PATH
 ) -> Row:
+    from stable_baselines3 import PPO
+
     from forseti.trainer_sidecar.algorithms import build_model, make_env
     from forseti.trainer_sidecar.monitoring import TrainingMonitor, attach_logger
     from forseti.trainer_sidecar.training_metrics import SidecarMetrics
@@ -231,6 +233,8 @@ def bench_config(
             export_ms = measure_export(model, spec, settings.export_repeats)
         finally:
             env.close()
+    # rollout and grad_steps are PPO's (the benchmark spec trains PPO)
+    assert isinstance(model, PPO), f"the benchmark spec trains {type(model).__name__}, not PPO"
     return Row(
         vectorization=vectorization,
         n_envs=n_envs,

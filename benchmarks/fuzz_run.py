@@ -48,6 +48,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -68,6 +69,9 @@ from testkit.fuzz_requests import (
     valid_case,
     warmup_cases,
 )
+
+if TYPE_CHECKING:
+    from testkit.server_process import ServerProcess
 
 MB = 1024 * 1024
 
@@ -115,7 +119,7 @@ class Fuzzer:
         self.stream: list[Outcome] = []  # malformed messages and the valid one closing each stream
         self.streams = 0
         self.last_case: Case | None = None
-        self.server = None
+        self.server: ServerProcess  # set by start()
         self.channel: grpc.Channel | None = None
         self.start()
 
@@ -128,7 +132,7 @@ class Fuzzer:
             ["--model-control-mode", "explicit", "--load-model", "*"],
             log_path=self.workdir / f"server-{len(self.crashes)}.log",
         ).start()
-        self.rss = RssSamples(self.server.proc.pid)
+        self.rss = RssSamples(self.server.pid)
         if self.channel is not None:
             self.channel.close()
         self.channel = grpc.insecure_channel(self.server.url)
@@ -141,9 +145,11 @@ class Fuzzer:
 
     def check_alive(self, where: str) -> bool:
         """If the server has exited, count the crash and start a new one."""
-        if self.server.proc.poll() is None:
+        proc = self.server.proc
+        assert proc is not None, "start() started it"
+        if proc.poll() is None:
             return True
-        code = self.server.proc.returncode
+        code = proc.returncode
         self.crashes.append((f"{where}: exit code {code}", self.last_case, self.server.log()))
         self.start()
         return False
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         def progress(what: str, done: int, total: int) -> None:
             print(f"  {what}: {done:,}/{total:,} ({time.monotonic() - started:.0f} s)", flush=True)
 
-        print(f"server {f.server.url} (pid {f.server.proc.pid}); warming up", flush=True)
+        print(f"server {f.server.url} (pid {f.server.pid}); warming up", flush=True)
         for case in warmup_cases():
             f.send_unary(case, record=False)
         drive(malformed_cases(), args.warmup, args.seed + 1, lambda c: f.send_unary(c, False))

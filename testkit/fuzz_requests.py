@@ -420,10 +420,12 @@ def build_valid(
     for i, (name, (datatype, inner)) in enumerate(model.inputs.items()):
         tensor = request.inputs.add(name=name, datatype=datatype, shape=[batch, *inner])
         values = _values(model, name, batch, seed + i)
+        field = DATATYPES[datatype][1]
         if raw:
             request.raw_input_contents.append(values.tobytes())
         else:
-            getattr(tensor.contents, DATATYPES[datatype][1]).extend(values.ravel().tolist())
+            assert field is not None  # not raw_only: every input has a typed contents field
+            getattr(tensor.contents, field).extend(values.ravel().tolist())
     return request
 
 
@@ -448,8 +450,9 @@ def valid_requests(draw, model: Model | None = None) -> pb.ModelInferRequest:
 # run in the order of MUTATIONS; what the server must answer is judged on the result.
 
 
-def _index(draw, items) -> int | None:
-    return draw(st.integers(0, len(items) - 1)) if len(items) else None
+def _index(draw, items) -> int:
+    """An index into items, which every caller has checked is not empty."""
+    return draw(st.integers(0, len(items) - 1))
 
 
 def mut_model(draw, request, model):

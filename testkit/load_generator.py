@@ -15,7 +15,7 @@ import multiprocessing as mp
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Kept light on purpose: every worker process imports this module when it is spawned.
@@ -232,7 +232,7 @@ class LoadGenerator:
 
     def run(
         self,
-        urls: list[str | Target],
+        urls: Sequence[str | Target],
         concurrency: int,
         warmup_s: float,
         duration_s: float,
@@ -261,10 +261,10 @@ class LoadGenerator:
         order = counterbalanced(len(targets), first, pairs)
         start = time.perf_counter_ns() + int(warmup_s * 1e9)
         schedule: list[Slice] = []
-        for k, target in enumerate(order):
+        for k, index in enumerate(order):
             s0 = start + k * int(slice_s * 1e9)
             s1 = s0 + int(slice_s * 1e9)
-            schedule.append((target, s0, s1 - recorded_ns, s1))
+            schedule.append((index, s0, s1 - recorded_ns, s1))
         for conn in conns:
             conn.send(("go", start, schedule, fail_fast))
         if on_schedule is not None:

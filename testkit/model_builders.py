@@ -99,7 +99,7 @@ def policy_onnx(tag: int, hidden: int = 32, obs_dim: int = OBS_DIM) -> bytes:
 
 def simple_onnx() -> bytes:
     """Triton's `simple` example: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1."""
-    shape = ["batch", 16]
+    shape: list[str | int] = ["batch", 16]
     graph = helper.make_graph(
         [
             helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),

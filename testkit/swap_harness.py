@@ -10,6 +10,7 @@ client pool as its load.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import re
 import threading
@@ -17,6 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 # Kept light on purpose: every client worker process imports this module when it is spawned.
@@ -152,7 +154,7 @@ class ClientPool:
         self.timeout = timeout
         self.seen = ctx.Array("q", clients, lock=False)
         self.layout = [list(range(clients))[i::procs] for i in range(procs)]  # slots per process
-        self.procs: list[tuple[mp.process.BaseProcess, object]] = []
+        self.procs: list[tuple[mp.process.BaseProcess, Connection]] = []
         try:
             for slots in self.layout:
                 parent, child = ctx.Pipe()
@@ -433,7 +435,7 @@ def run_mode(
             if mode == "explicit":
                 control.load_model(MODEL)
                 t_load = now()
-            if not _wait(lambda v=v: pool.all_seen(v), swap_timeout_s):
+            if not _wait(functools.partial(pool.all_seen, v), swap_timeout_s):
                 error = (
                     f"version {v}: not every client answered by it after {swap_timeout_s:g}s "
                     f"(clients at {pool.versions()})"
