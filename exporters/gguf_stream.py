@@ -366,7 +366,7 @@ def _write_gguf(
         while pending:
             job, future = pending.popleft()
             out = future.result()
-            sink.write(memoryview(np.ascontiguousarray(out)).cast("B"))
+            sink.write(np.ascontiguousarray(out).data.cast("B"))
             del out, future  # drop the slice (and its map) before more are made
             following = next(jobs, None)
             if following is not None:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from typing import Any
 
 import numpy as np
 import onnx
@@ -62,7 +63,7 @@ class _GraphBuilder:
         return name
 
     def op(
-        self, op_type: str, inputs: list[str], hint: str, out: str | None = None, **attrs: object
+        self, op_type: str, inputs: list[str], hint: str, out: str | None = None, **attrs: Any
     ) -> str:
         output = out or self.name(hint)
         self.nodes.append(helper.make_node(op_type, inputs, [output], **attrs))

@@ -85,7 +85,7 @@ def rollout_observations(
     try:
         env.action_space.seed(seed)
         obs, _ = env.reset(seed=seed)
-        visited = []
+        visited: list[np.ndarray] = []
         while len(visited) < n:
             visited.append(np.asarray(obs, dtype=np.float32).reshape(-1))
             obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
@@ -101,20 +101,35 @@ def _reference(
 ) -> dict[str, np.ndarray]:
     """SB3's own answers on normalised observations."""
     import torch
+    from stable_baselines3.common.policies import ActorCriticPolicy
+    from stable_baselines3.dqn.policies import DQNPolicy
 
     # predict() wants the env's own observation shape; the artifacts take it flattened.
-    shaped = norm_obs.reshape(len(norm_obs), *model.observation_space.shape)
+    obs_shape = model.observation_space.shape
+    assert obs_shape is not None, "the observation space has no shape"
+    shaped = norm_obs.reshape(len(norm_obs), *obs_shape)
     actions, _ = model.predict(shaped, deterministic=True)
     out = {ACTION: np.asarray(actions)}
     policy = model.policy
     obs_t = torch.as_tensor(norm_obs, dtype=torch.float32, device=policy.device)
     with torch.no_grad():
-        if VALUE in wanted:
-            out[VALUE] = policy.predict_values(obs_t).cpu().numpy()
-        if EXTRA_LOGITS in wanted:
-            latent = policy.mlp_extractor.forward_actor(policy.pi_features_extractor(obs_t))
-            out[EXTRA_LOGITS] = policy.action_net(latent).cpu().numpy()
+        if VALUE in wanted or EXTRA_LOGITS in wanted:
+            if not isinstance(policy, ActorCriticPolicy):
+                raise ParityError(
+                    f"exported model has a value or logits output; policy "
+                    f"{type(policy).__name__} is not an ActorCriticPolicy"
+                )
+            if VALUE in wanted:
+                out[VALUE] = policy.predict_values(obs_t).cpu().numpy()
+            if EXTRA_LOGITS in wanted:
+                latent = policy.mlp_extractor.forward_actor(policy.pi_features_extractor(obs_t))
+                out[EXTRA_LOGITS] = policy.action_net(latent).cpu().numpy()
         if EXTRA_Q_VALUES in wanted:
+            if not isinstance(policy, DQNPolicy):
+                raise ParityError(
+                    f"exported model has a q_values output; policy {type(policy).__name__} "
+                    "is not a DQNPolicy"
+                )
             out[EXTRA_Q_VALUES] = policy.q_net(obs_t).cpu().numpy()
     return out
 
@@ -144,7 +159,9 @@ def _observations(
     visited: np.ndarray | None,
 ) -> tuple[np.ndarray, int]:
     rng = np.random.default_rng(seed)
-    obs_dim = int(np.prod(model.observation_space.shape))
+    obs_shape = model.observation_space.shape
+    assert obs_shape is not None, "the observation space has no shape"
+    obs_dim = int(np.prod(obs_shape))
     n_visited = n // 2
     if visited is None and env_id is not None:
         visited = rollout_observations(env_id, n_visited, seed, env_kwargs)

@@ -174,6 +174,7 @@ def _check_description(d: PolicyDescription) -> None:
         for name, bound in (("action_low", d.action_low), ("action_high", d.action_high)):
             if bound is None or bound.dtype != np.float32 or bound.shape != (d.action_dim,):
                 raise ExportError(f"{name} must be float32 [{d.action_dim}]")
+        assert d.action_low is not None and d.action_high is not None  # checked just above
         if d.action_transform not in (ACTION_CLIP, ACTION_SCALE):
             raise ExportError(
                 f"a Box policy's action_transform must be '{ACTION_CLIP}' or '{ACTION_SCALE}'"
@@ -255,6 +256,7 @@ def evaluate(desc: PolicyDescription, obs: np.ndarray) -> dict[str, np.ndarray]:
     if desc.action_transform == ACTION_ARGMAX:
         out[ACTION] = head.argmax(axis=1).astype(np.int64).reshape(-1, 1)
     elif desc.action_transform == ACTION_CLIP:
+        assert desc.action_low is not None and desc.action_high is not None
         out[ACTION] = np.minimum(np.maximum(head, desc.action_low), desc.action_high).astype(
             np.float32
         )
@@ -395,7 +397,10 @@ def _observation(model: BaseAlgorithm) -> tuple[int, tuple[int, ...]]:
 
 
 def _box_bounds(model: BaseAlgorithm) -> tuple[int, np.ndarray, np.ndarray]:
+    from gymnasium import spaces
+
     space = model.action_space
+    assert isinstance(space, spaces.Box), "_check_action_space found a Box"
     if len(space.shape) != 1:
         raise ExportError(f"Box action space of shape {list(space.shape)}: only 1-D is exportable")
     low = np.asarray(space.low, dtype=np.float32).copy()
@@ -462,19 +467,21 @@ def _describe_off_policy(model: BaseAlgorithm, space: str) -> dict[str, Any]:
         return dict(actor=actor, value=None, transform=ACTION_ARGMAX, extra=EXTRA_Q_VALUES)
     if space != BOX:
         raise ExportError(f"{name} with a {space} action space is not exportable")
-    actor_module = model.policy.actor
-    _require_flatten(actor_module.features_extractor, "the actor's features extractor")
     if isinstance(model, SAC):
-        if actor_module.use_sde:
+        sac_actor = model.policy.actor
+        _require_flatten(sac_actor.features_extractor, "the actor's features extractor")
+        if sac_actor.use_sde:
             raise ExportError("SAC with use_sde=True is not exportable; train with use_sde=False")
-        actor = _dense_chain([actor_module.latent_pi, actor_module.mu], "actor")
+        actor = _dense_chain([sac_actor.latent_pi, sac_actor.mu], "actor")
         if actor[-1].activation != "identity":
             raise ExportError("SAC actor's mean layer unexpectedly ends in an activation")
         # SAC's deterministic action is tanh(mean): the squashing belongs to the head.
         last = actor[-1]
         actor[-1] = DenseLayer(last.weight, last.bias, "tanh")
     elif isinstance(model, TD3):
-        actor = _dense_chain([actor_module.mu], "actor")
+        td3_actor = model.policy.actor
+        _require_flatten(td3_actor.features_extractor, "the actor's features extractor")
+        actor = _dense_chain([td3_actor.mu], "actor")
         if actor[-1].activation != "tanh":
             raise ExportError("TD3 actor does not end in tanh; cannot scale its actions")
     else:
@@ -488,6 +495,7 @@ def describe_policy(
     """Describe a trained SB3 model's deterministic policy (what ``predict(deterministic=True)``
     computes on observations normalised by ``obs_normalization``). Raises ExportError naming
     whatever is not representable as a dense chain."""
+    from gymnasium import spaces
     from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 
     if not isinstance(model, PPO | A2C | DQN | SAC | TD3):
@@ -503,6 +511,7 @@ def describe_policy(
     obs_dim, obs_shape = _observation(model)
     n_actions = action_dim = low = high = None
     if space == DISCRETE:
+        assert isinstance(model.action_space, spaces.Discrete)  # as _check_action_space found
         n_actions = int(model.action_space.n)
     else:
         action_dim, low, high = _box_bounds(model)

@@ -97,8 +97,10 @@ def pin_schedule(model: BaseAlgorithm, total_timesteps: int) -> None:
     Each chunked ``learn`` call would otherwise compute schedule progress against its own end.
     """
     original = model._update_current_progress_remaining
+    run_total = total_timesteps
 
-    def update(num_timesteps: int, _chunk_total: int) -> None:
-        original(num_timesteps, total_timesteps)
+    # The same parameters as the method it replaces; the chunk's own total is not used.
+    def update(num_timesteps: int, total_timesteps: int) -> None:
+        original(num_timesteps, run_total)
 
     model._update_current_progress_remaining = update  # type: ignore[method-assign]

@@ -420,9 +420,11 @@ def restore_checkpoint(
         optimizer.load_state_dict(_optimizer_state_dict(name, optimizer, loaded))
     for attribute, value in loaded.state["progress"].items():
         setattr(model, attribute, value)
+    buffer = getattr(model, "replay_buffer", None)
     if loaded.replay_buffer is not None:
-        arrays_to_buffer(model.replay_buffer, loaded.replay_buffer, loaded.state["replay_buffer"])
-    elif getattr(model, "replay_buffer", None) is not None:
+        assert buffer is not None, "check_compatible found the model's replay buffer"
+        arrays_to_buffer(buffer, loaded.replay_buffer, loaded.state["replay_buffer"])
+    elif buffer is not None:
         log.info(
             "checkpoint has no replay buffer; it refills as training continues",
             extra={"checkpoint": str(loaded.info.path)},

@@ -33,6 +33,7 @@ from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.utils import obs_as_tensor
 from tqdm import tqdm
 
@@ -340,13 +341,18 @@ class TrainingMonitor(BaseCallback):
         model = self.model
         steps, envs = self._sample_indices(buffer.buffer_size, buffer.n_envs)
         obs_np = _index_observations(buffer.observations, steps, envs)
-        distribution = model.policy.get_distribution(obs_as_tensor(obs_np, model.device))
+        policy = model.policy
+        if not isinstance(policy, ActorCriticPolicy):
+            raise TypeError(f"policy of type {type(policy).__name__}")
+        distribution = policy.get_distribution(obs_as_tensor(obs_np, model.device))
         entropy = distribution.entropy()
         if entropy is not None:  # None: a squashed Gaussian has no closed form
             self.metrics.record_policy_stats(entropy=float(entropy.mean()))
 
     def _replay_stats(self) -> None:
         model = self.model
+        if not isinstance(model, OffPolicyAlgorithm):
+            raise TypeError(f"model of type {type(model).__name__}")
         buffer = model.replay_buffer
         if not isinstance(buffer, ReplayBuffer):
             raise TypeError(f"replay buffer of type {type(buffer).__name__}")
@@ -362,8 +368,11 @@ class TrainingMonitor(BaseCallback):
         entropy: float | None = None
         if hasattr(model, "q_net"):  # DQN: greedy policy, value = max_a Q(s, a)
             value = float(model.q_net(obs).max(dim=1).values.mean())
-        elif hasattr(model.actor, "action_log_prob"):  # SAC: stochastic actor
-            actions, log_prob = model.actor.action_log_prob(obs)
+        elif not hasattr(model, "critic"):
+            raise TypeError(f"{type(model).__name__} has neither a q_net nor a critic")
+        # SAC: stochastic actor (looked up by name: torch types a module's attributes loosely)
+        elif (action_log_prob := getattr(model.actor, "action_log_prob", None)) is not None:
+            actions, log_prob = action_log_prob(obs)
             value = float(model.critic.q1_forward(obs, actions).mean())
             entropy = float(-log_prob.mean())
         else:  # TD3 / DDPG: deterministic actor

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tritonclient.utils import InferenceServerException
 
@@ -27,7 +28,7 @@ from forseti.core.sealing.keyring import Keyring
 from forseti.exporters.checked_policy import export_checked_policy
 from forseti.exporters.errors import ExportError
 from forseti.exporters.gguf_check import checked_gguf
-from forseti.exporters.model_config import policy_config_text
+from forseti.exporters.model_config import Backend, policy_config_text
 from forseti.exporters.policy_description import (
     PolicyDescription,
 )
@@ -48,7 +49,10 @@ OFF_POLICY_CHUNK_STEPS = 256
 
 
 # format -> (config backend, artifact file name in the version folder)
-ARTIFACTS = {"onnx": ("onnxruntime", "model.onnx"), "gguf": ("gguf", "model.gguf")}
+ARTIFACTS: dict[str, tuple[Backend, str]] = {
+    "onnx": ("onnxruntime", "model.onnx"),
+    "gguf": ("gguf", "model.gguf"),
+}
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,7 @@ class TrainingRun:
         spec, model = self.spec, self.model
         assert model is not None
         total = spec.algorithm.total_timesteps
-        callbacks = [self.monitor] if self.monitor is not None else []
+        callbacks: list[BaseCallback] = [self.monitor] if self.monitor is not None else []
         promote_every = self._promote_every()
         while model.num_timesteps < total:
             if self.stop:

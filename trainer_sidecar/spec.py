@@ -291,6 +291,13 @@ class _Section:
         path = Path(value).expanduser()
         return path if path.is_absolute() else base / path
 
+    def required_path(self, key: str, base: Path, default: Any = _FIELD_DEFAULT) -> Path:
+        """A path for a field that is never None (required, or with a path default)."""
+        path = self.path(key, base, default)
+        if path is None:
+            raise SpecError(self.source, self._field(key), "is required")
+        return path
+
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
@@ -375,7 +382,7 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
         raise SpecError(source, "model.formats", "needs at least one format")
     model = PublishedModelSpec(
         name=s.get("name", str),
-        repository=s.path("repository", base),
+        repository=s.required_path("repository", base),
         max_batch_size=s.positive("max_batch_size"),
         formats=tuple(dict.fromkeys(formats)),
         gguf_type=s.choice("gguf_type", GGUF_TYPES),
@@ -418,7 +425,7 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
     s = _section(source, data, "checkpoint", CheckpointSpec, required=False)
     checkpoint = CheckpointSpec(
         # Both defaults derive from other fields, as the fields' docstrings say.
-        directory=s.path("directory", base, default=base / "runs" / model.name),
+        directory=s.required_path("directory", base, default=base / "runs" / model.name),
         interval_timesteps=s.positive("interval_timesteps", default=algorithm.total_timesteps),
         keep=s.positive("keep"),
     )
@@ -439,7 +446,7 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
         raise SpecError(source, "server.metrics_port", f"{metrics_port} is not a port")
     server = ServerSpec(
         url=s.get("url", str),
-        keyring=s.path("keyring", base),
+        keyring=s.required_path("keyring", base),
         token_header=s.get("token_header", str),
         token_file=s.path("token_file", base),
         metrics_port=metrics_port,
