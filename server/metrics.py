@@ -11,6 +11,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -178,14 +179,17 @@ class _TlsMetricsServer(ThreadingHTTPServer):
 
     ssl_context: ssl.SSLContext
 
-    def finish_request(self, request, client_address) -> None:  # type: ignore[override]
+    # socketserver types a request as a socket or a (bytes, socket) pair; a stream server
+    # only ever gets sockets.
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
         request.settimeout(_HANDSHAKE_TIMEOUT_S)
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
             return  # not TLS, or a certificate the client refused: nothing to answer
         with tls:
-            self.RequestHandlerClass(tls, client_address, self)
+            # typeshed wants the handler's own server type (Self); this server is one.
+            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
 
 
 def start_metrics_server(

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import numpy as np
+
 from forseti.core.repository.config import model_spec, parse_config_text
 from forseti.server.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forseti.server.scheduler.base import NO_OPTIONS, Execution

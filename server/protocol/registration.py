@@ -5,7 +5,7 @@ against unexpected exceptions, which grpc would send to the client as their text
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -41,8 +41,12 @@ def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-def _guard_unary(behaviour: Callable, method: str) -> Callable:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+# grpc's stubs type method behaviours as synchronous; the aio server's are coroutines.
+Behaviour = Callable[..., Awaitable[Any]]
+
+
+def _guard_unary(behaviour: Callable[..., Any], method: str) -> Behaviour:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is MALFORMED:
             rid = new_request_id()
             log.info("malformed request", extra={"rpc": method, "request_id": rid})
@@ -68,13 +72,37 @@ class _Capture:
     """Receives what the generated `add_..._to_server` registers, instead of a server."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass
 
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
         self.handlers = dict(handlers)
+
+
+def _made_safe(
+    method: str, handler: grpc.RpcMethodHandler[Any, Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler with a parse-safe deserializer and, for unary methods, the guard."""
+    assert handler.request_deserializer is not None, f"{method} has no deserializer"
+    options = {
+        "request_deserializer": _safe(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        behaviour: Callable[..., Any] = handler.unary_unary
+        if method not in CHECKS_OWN_INPUT:
+            behaviour = _guard_unary(behaviour, method)
+        return grpc.unary_unary_rpc_method_handler(behaviour, **options)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(handler.unary_stream, **options)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(handler.stream_unary, **options)
+    assert handler.stream_stream is not None, f"{method} has no behaviour"
+    return grpc.stream_stream_rpc_method_handler(handler.stream_stream, **options)
 
 
 def add_servicer(servicer: pbg.GRPCInferenceServiceServicer, server: grpc.aio.Server) -> None:
@@ -84,11 +112,8 @@ def add_servicer(servicer: pbg.GRPCInferenceServiceServicer, server: grpc.aio.Se
     answers each with an error response on the stream."""
     capture = _Capture()
     pbg.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method, handler in capture.handlers.items():
-        safe = handler._replace(request_deserializer=_safe(handler.request_deserializer))
-        if handler.unary_unary is not None and method not in CHECKS_OWN_INPUT:
-            safe = safe._replace(unary_unary=_guard_unary(handler.unary_unary, method))
-        handlers[method] = safe
+        handlers[method] = _made_safe(method, handler)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -18,6 +19,7 @@ from forseti.core.errors import (
     refusal_message,
     with_request_id,
 )
+from forseti.core.repository.config import TensorSpec
 from forseti.server.inference import InferenceHandler
 from forseti.server.model_control import ModelControl
 from forseti.server.protocol.registration import MALFORMED
@@ -25,6 +27,9 @@ from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
 from forseti.server.security.restricted import caller_identity
 from forseti.server.stats import Duration
+
+if TYPE_CHECKING:
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +52,13 @@ class ServerState:
     control_mode: str = "none"
 
 
-async def _abort_internal(context: grpc.aio.ServicerContext, what: str) -> None:
+async def _abort_internal(context: Context, what: str) -> None:
     rid = new_request_id()
     log.exception("unexpected error", extra={"rpc": what, "request_id": rid})
     await context.abort(grpc.StatusCode.INTERNAL, with_request_id("internal error", rid))
 
 
-async def _refuse(context: grpc.aio.ServicerContext, rpc: str, exc: ForsetiError) -> None:
+async def _refuse(context: Context, rpc: str, exc: ForsetiError) -> None:
     await context.abort(exc.code, refusal_message(rpc, exc))
 
 
@@ -89,7 +94,8 @@ def _version_statistics(lv: LoadedVersion) -> pb.ModelStatistics:
     )
 
 
-class TritonServicer(pbg.GRPCInferenceServiceServicer):
+# tritonclient ships no type information: its generated base class is Any to the checker.
+class TritonServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Every RPC of the service; errors become gRPC statuses, never a crash."""
 
     def __init__(
@@ -106,28 +112,38 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
 
     # ---- health and metadata ------------------------------------------------------------
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Context
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Context
+    ) -> pb.ServerReadyResponse:
         ready = self.state.started and not self.state.stopping
         if ready and self.state.strict_readiness:
             ready = self.registry.ready()
         return pb.ServerReadyResponse(ready=ready)
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name="forseti", version=forseti.__version__, extensions=EXTENSIONS
         )
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Context
+    ) -> pb.ModelReadyResponse:
         try:
             self.registry.route(request.name, request.version)
         except ForsetiError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
         try:
             lv = self.registry.route(request.name, request.version)
         except ForsetiError as exc:
@@ -135,7 +151,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
         spec = lv.spec
         batch = [-1] if spec.batched else []
 
-        def meta(tensors):
+        def meta(tensors: dict[str, TensorSpec]) -> list[Any]:
             return [
                 pb.ModelMetadataResponse.TensorMetadata(
                     name=t.name, datatype=t.ttype.name, shape=[*batch, *t.dims]
@@ -151,14 +167,18 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
             outputs=meta(spec.outputs),
         )
 
-    async def ModelConfig(self, request, context):
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
         try:
             lv = self.registry.route(request.name, request.version)
         except ForsetiError as exc:
             await _refuse(context, "ModelConfig", exc)
         return pb.ModelConfigResponse(config=lv.spec.config)
 
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
         try:
             if request.name:
                 if request.version:
@@ -175,7 +195,9 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
 
     # ---- inference ----------------------------------------------------------------------
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
         if request is MALFORMED:
             await _refuse(
                 context,
@@ -190,7 +212,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
             await _abort_internal(context, "ModelInfer")
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
             if request is MALFORMED:
@@ -215,7 +237,9 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
 
     # ---- repository ---------------------------------------------------------------------
 
-    async def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
         try:
             items = await self.control.index(request.ready, caller_identity(context))
         except Exception:
@@ -229,7 +253,9 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
             ]
         )
 
-    async def RepositoryModelLoad(self, request, context):
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
         try:
             await self.control.load(
                 request.model_name, bool(request.parameters), caller_identity(context)
@@ -240,7 +266,9 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
             await _abort_internal(context, "RepositoryModelLoad")
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request, context):
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
         try:
             await self.control.unload(request.model_name, caller_identity(context))
         except ForsetiError as exc:
@@ -251,33 +279,33 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):
 
     # ---- what Forseti does not do -------------------------------------------------------
 
-    async def _unsupported(self, context, what: str, hint: str):
+    async def _unsupported(self, context: Context, what: str, hint: str) -> None:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED, f"Forseti does not support {what}; {hint}"
         )
 
-    async def SystemSharedMemoryStatus(self, request, context):
+    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> None:
         await self._unsupported(context, "system shared memory", "send tensors in the request")
 
-    async def SystemSharedMemoryRegister(self, request, context):
+    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> None:
         await self._unsupported(context, "system shared memory", "send tensors in the request")
 
-    async def SystemSharedMemoryUnregister(self, request, context):
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> None:
         await self._unsupported(context, "system shared memory", "send tensors in the request")
 
-    async def CudaSharedMemoryStatus(self, request, context):
+    async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> None:
         await self._unsupported(context, "CUDA shared memory", "send tensors in the request")
 
-    async def CudaSharedMemoryRegister(self, request, context):
+    async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> None:
         await self._unsupported(context, "CUDA shared memory", "send tensors in the request")
 
-    async def CudaSharedMemoryUnregister(self, request, context):
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> None:
         await self._unsupported(context, "CUDA shared memory", "send tensors in the request")
 
-    async def TraceSetting(self, request, context):
+    async def TraceSetting(self, request: Any, context: Context) -> None:
         await self._unsupported(context, "trace settings", "use /metrics and the server log")
 
-    async def LogSettings(self, request, context):
+    async def LogSettings(self, request: Any, context: Context) -> None:
         await self._unsupported(context, "log settings over gRPC", "use --log-level at start")
 
 
