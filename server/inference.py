@@ -17,6 +17,7 @@ from forseti.server.protocol.tensors import ResponseEncoder, decode_inputs, requ
 from forseti.server.registry.lifecycle import LifecycleEvent, VersionReleased
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
+from forseti.server.scheduler.base import NO_OPTIONS
 
 _now_ns = time.monotonic_ns
 
@@ -51,9 +52,10 @@ class InferenceHandler:
             spec = lv.spec
             feeds, batch = decode_inputs(request, spec)
             names = requested_outputs(request, spec, lv.output_names)
-            options = request_options(request, context)
+            scheduler = lv.scheduler
+            options = request_options(request, context) if scheduler.takes_options else NO_OPTIONS
             decoded = _now_ns()
-            done = await lv.scheduler.schedule(feeds, batch, names, options)
+            done = await scheduler.schedule(feeds, batch, names, options)
             answered = _now_ns()
             encoder = self._encoders.get(lv)
             if encoder is None:

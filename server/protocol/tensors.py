@@ -105,7 +105,8 @@ def _decode_raw_fast(
             b = 1
         if len(data) != b * ts.item_nbytes:
             return None
-        feeds[name] = np.frombuffer(data, dtype=ts.ttype.dtype).reshape(shape)
+        # One constructor call over the request's bytes (no copy; read-only like frombuffer).
+        feeds[name] = np.ndarray(shape, ts.ttype.dtype, data)
         batch = b
     return feeds, batch
 
@@ -212,15 +213,19 @@ _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 _TEMPLATE_LIMIT = 256
 
 
+_FromString = pb.ModelInferResponse.FromString
+
+
 class ResponseEncoder:
-    """Encodes one version's responses from a cached template per (outputs, shapes): copying
-    a prebuilt message is about five times cheaper than constructing the output tensors each
-    time. Bounded: the cache starts over past `_TEMPLATE_LIMIT` shapes."""
+    """Encodes one version's responses from a cached template per (outputs, shapes): parsing
+    the template's serialized bytes is cheaper than constructing the output tensors each time
+    (and, cold, ~3 us cheaper than CopyFrom of a template message). Bounded: the cache starts
+    over past `_TEMPLATE_LIMIT` shapes."""
 
     def __init__(self, model: str, version: str) -> None:
         self.model = model
         self.version = version
-        self._templates: dict[tuple[object, ...], pb.ModelInferResponse] = {}
+        self._templates: dict[tuple[object, ...], bytes] = {}
 
     def encode(
         self, request_id: str, names: list[str], results: list[np.ndarray]
@@ -235,12 +240,11 @@ class ResponseEncoder:
                     _OutputTensor(name=name, datatype=BY_DTYPE[arr.dtype].name, shape=arr.shape)
                     for name, arr in zip(names, results, strict=True)
                 ],
-            )
+            ).SerializeToString()
             if len(self._templates) >= _TEMPLATE_LIMIT:
                 self._templates.clear()
             self._templates[key] = template
-        response = pb.ModelInferResponse()
-        response.CopyFrom(template)
+        response = _FromString(template)
         response.id = request_id
         response.raw_output_contents.extend([arr.tobytes() for arr in results])
         return response

@@ -47,6 +47,10 @@ class Execution:
 class Scheduler(Protocol):
     """Runs decoded requests on a version's backend."""
 
+    # Whether `schedule` reads its options (queueing schedulers); the handler spares the
+    # others reading the request's parameters and deadline.
+    takes_options: bool
+
     async def schedule(
         self, feeds: Feeds, batch: int, names: list[str], options: RequestOptions
     ) -> Execution:

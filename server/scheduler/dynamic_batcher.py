@@ -112,6 +112,8 @@ class Pending:
 class DynamicBatcher:
     """Queues, forms batches and runs them on `backend.instance_count` executor threads."""
 
+    takes_options = True
+
     def __init__(self, spec: ModelSpec, backend: Backend) -> None:
         self.spec = spec
         self.settings = BatchingSpec.from_config(spec)

@@ -18,6 +18,8 @@ _now_ns = time.monotonic_ns
 class InlineScheduler:
     """Runs each request on the backend at once, on the calling thread."""
 
+    takes_options = False
+
     def __init__(self, backend: Backend) -> None:
         self._run = backend.run
 

@@ -19,6 +19,8 @@ class ThreadedScheduler:
     """Runs requests on a pool of `backend.instance_count` threads; the wait for a free
     thread counts as queue time."""
 
+    takes_options = False
+
     def __init__(self, backend: Backend, name: str) -> None:
         self._run = backend.run
         self._executor = ThreadPoolExecutor(
