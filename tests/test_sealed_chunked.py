@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from forseti.core.sealing import sealed as sealed_module
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import (
     FORMAT_V2,
@@ -25,7 +26,6 @@ from forseti.core.sealing.sealed import (
     seal_file,
     seal_stream,
 )
-from forseti.server.security import sealed as sealed_module
 
 CHUNK = 64  # the smallest chunk a header may declare: many chunks from a few hundred bytes
 WHERE = {"model": "big", "version": 2, "filename": "model.gguf"}

@@ -76,7 +76,11 @@ def test_stop_signal_finishes_running_requests_and_exits_zero(
     calls = [threading.Thread(target=_infer_slow, args=(server.url, results)) for _ in range(3)]
     for t in calls:
         t.start()
-    time.sleep(0.3)  # the requests are running on the server
+    # Signal once the first call is answered: the model has one instance, so the other two
+    # are still running or waiting for it (a fixed sleep raced a fast machine).
+    deadline = time.monotonic() + 30
+    while not results and time.monotonic() < deadline:
+        time.sleep(0.005)
     started = time.monotonic()
     server.proc.send_signal(sig)
     for t in calls:
