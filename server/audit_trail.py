@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from forseti.core.audit import AuditError, AuditLog
+from forseti.core.audit import MAX_DICT_ITEMS, AuditError, AuditLog
 from forseti.server.registry.lifecycle import (
     LifecycleEvent,
     ModelLoadFailed,
@@ -16,6 +16,13 @@ from forseti.server.registry.lifecycle import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _chunks(mapping: dict[str, str]) -> list[dict[str, str]]:
+    """`mapping` in pieces of at most MAX_DICT_ITEMS entries (at least one, maybe empty)."""
+    items = list(mapping.items())
+    size = MAX_DICT_ITEMS
+    return [dict(items[i : i + size]) for i in range(0, len(items), size)] or [{}]
 
 
 class AuditTrail:
@@ -61,11 +68,23 @@ class AuditTrail:
         elif isinstance(event, ModelLoadFailed):
             await self.record("model.load_failed", model=event.model, reason=event.reason)
         elif isinstance(event, Swapped):
-            await self.record(
-                "model.swap", model=event.model, serving=event.serving, previous=event.previous
+            await self._record_versions(
+                "model.swap", event.model, serving=event.serving, previous=event.previous
             )
         elif isinstance(event, Unloaded):
-            await self.record("model.unload", model=event.model, previous=event.previous)
+            await self._record_versions("model.unload", event.model, previous=event.previous)
+
+    async def _record_versions(self, event: str, model: str, **maps: dict[str, str]) -> None:
+        """A record naming version -> sha256 maps; a model with more versions than one audit
+        field may hold gets several records (`part`, `parts`) instead of losing the record."""
+        chunks = {name: _chunks(mapping) for name, mapping in maps.items()}
+        parts = max(len(c) for c in chunks.values())
+        if parts == 1:
+            await self.record(event, model=model, **maps)
+            return
+        for i in range(parts):
+            fields = {name: c[i] if i < len(c) else {} for name, c in chunks.items()}
+            await self.record(event, model=model, part=i + 1, parts=parts, **fields)
 
     def close(self) -> None:
         if self.audit is not None:

@@ -225,16 +225,30 @@ def test_changing_the_last_lines_is_caught_by_the_recorded_head(
 # ---- torn lines from killed writers -------------------------------------------------------
 
 
-def test_a_torn_last_line_verifies_up_to_the_last_complete_line(tmp_path: Path) -> None:
+def test_a_torn_last_line_fails_verify_after_the_last_complete_line(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     lines = write_log(path)
     path.write_bytes(b"".join(lines[:-1]) + lines[-1][:40])
 
     result = verify_file(path)
 
-    assert result.ok
+    assert not result.ok
     assert result.lines == len(lines) - 1
+    assert result.broken_line == len(lines)
     assert result.torn_tail_bytes == 40
+
+
+def test_bytes_appended_without_a_newline_fail_verify(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    lines = write_log(path)
+    with open(path, "ab") as fh:
+        fh.write(b'{"seq":999,"event":"model.version_loaded"')
+
+    result = verify_file(path)
+
+    assert not result.ok
+    assert result.broken_line == len(lines) + 1
+    assert "without a newline" in result.reason
 
 
 def test_the_next_writer_records_a_torn_tail_and_the_chain_still_verifies(

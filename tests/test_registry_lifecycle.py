@@ -138,3 +138,36 @@ def test_metrics_scrapes_from_another_thread_while_models_load_and_unload(repo, 
 
     assert asyncio.run(main()) > 0
     assert errors == []
+
+
+def test_a_swap_of_a_model_with_65_versions_is_audited_in_parts(tmp_path, keyring) -> None:
+    """One audit field holds at most 64 entries; the swap record of a model serving 65
+    versions is written in parts instead of being lost."""
+    from forseti.core.audit import AuditLog, verify_file
+    from testkit.model_builders import POLICY_CONFIG, write_config
+
+    repo = tmp_path / "repo"
+    write_config(repo, "policy", POLICY_CONFIG + "\nversion_policy { all { } }\n")
+    for v in range(1, 66):
+        publish_sealed(repo, "policy", policy_onnx(v), keyring, version=v)
+    log_path = tmp_path / "audit.log"
+
+    async def main() -> None:
+        audit = AuditLog.open(log_path, component="server")
+        service = assemble(repo, keyring, control_mode="explicit", audit=audit)
+        await service.registry.load_model("policy")
+        service.registry.release_all()
+        audit.close()
+
+    asyncio.run(main())
+    assert verify_file(log_path).ok
+    import json
+
+    swaps = [
+        json.loads(line)
+        for line in log_path.read_text().splitlines()
+        if '"event":"model.swap"' in line
+    ]
+    assert [(r["fields"]["part"], r["fields"]["parts"]) for r in swaps] == [(1, 2), (2, 2)]
+    served = {**swaps[0]["fields"]["serving"], **swaps[1]["fields"]["serving"]}
+    assert sorted(map(int, served)) == list(range(1, 66))

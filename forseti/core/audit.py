@@ -363,8 +363,9 @@ def _lines(path: Path) -> Iterator[bytes]:
 def verify_file(path: str | Path, head: tuple[int, str] | None = None) -> VerifyResult:
     """Check the whole chain of an audit log; report the first broken line and why.
 
-    A final line without a newline (a writer killed mid-write) is reported in
-    ``torn_tail_bytes`` and does not fail the check: everything before it is intact.
+    A final line without a newline fails the check (``torn_tail_bytes`` says how long it is):
+    it may be a writer killed mid-write, or bytes appended outside the chain, and the two look
+    alike. Everything before it is reported intact in ``lines``.
     With ``head`` (a ``(seq, sha256)`` recorded earlier), the log must still contain that
     line unchanged, which also catches removal of the last lines.
     """
@@ -395,16 +396,23 @@ def verify_file(path: str | Path, head: tuple[int, str] | None = None) -> Verify
         line = raw_lines[i]
         line_no = i + 1
         if not line.endswith(b"\n"):
-            # Only the very last piece of a file can lack a newline.
-            result = VerifyResult(
-                ok=True,
+            # Only the very last piece of a file can lack a newline. It is not part of the
+            # chain, and bytes anyone appended look the same as a writer killed mid-line, so
+            # the log does not verify until the next writer ends and records it.
+            return VerifyResult(
+                ok=False,
                 lines=i,
                 head_seq=expected_seq - 1,
                 head_hash=prev,
+                broken_line=line_no,
+                reason=(
+                    f"the file ends with {len(line)} bytes without a newline after the last "
+                    "record: bytes appended outside the chain, or a writer killed mid-line "
+                    "(the next writer to open the log ends such a line and records it)"
+                ),
                 torn_tail_bytes=len(line),
                 recovered_tears=tuple(tears),
             )
-            return _check_head(result, head, seq_hashes)
         nxt = _parse_record(raw_lines[i + 1]) if i + 1 < len(raw_lines) else None
         if nxt is not None and nxt["event"] == TORN_EVENT and _covers(nxt, line):
             # A fragment left by a killed writer, ended and recorded by the next one. The

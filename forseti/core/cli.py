@@ -289,10 +289,4 @@ def main_audit(argv: list[str]) -> int:
     print(f"OK: {result.lines} lines, chain intact; head {result.head}")
     for line_no in result.recovered_tears:
         print(f"note: line {line_no} is a torn line left by a killed writer, recorded after it")
-    if result.torn_tail_bytes:
-        print(
-            f"warning: the file ends with a torn line ({result.torn_tail_bytes} bytes, no "
-            "newline) after the last complete line: a writer was killed mid-write; the next "
-            "writer records it and continues the chain"
-        )
     return 0
