@@ -37,7 +37,7 @@ def test_name_that_differs_from_folder_is_refused() -> None:
 
 
 def test_syntax_error_is_reported_with_position() -> None:
-    with pytest.raises(ModelLoadError, match=r"invalid config.pbtxt: .*\d+:\d+"):
+    with pytest.raises(ModelLoadError, match=r"invalid config.pbtxt at line \d+, column \d+"):
         parse_config_text("name: policy\nmax_batch_size: {", "policy")
 
 
@@ -80,3 +80,11 @@ def test_default_model_filename_is_honoured() -> None:
     assert (
         model_spec(parse_config_text(text, "policy"), "policy").artifact_filename == "policy.onnx"
     )
+
+
+def test_a_config_parse_error_reason_does_not_quote_the_config() -> None:
+    """The reason reaches clients (RepositoryIndex); protobuf's message quotes the text."""
+    with pytest.raises(ModelLoadError) as caught:
+        parse_config_text('name: "m"\nhunter2_secret_field: 3\n', "m")
+    assert "hunter2" not in caught.value.reason
+    assert "line 2, column 1" in caught.value.reason and "error id" in caught.value.reason

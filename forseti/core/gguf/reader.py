@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from forseti.core.errors import ModelLoadError
+from forseti.core.errors import ModelLoadError, library_failure
 from forseti.core.gguf import policy_format as fmt
 from forseti.core.gguf.structure import WEIGHT_QTYPES, check_structure
 from forseti.core.gguf.structure import refuse as _refuse
@@ -66,9 +66,9 @@ def _read(data: bytes) -> _RawPolicy:
         except ModelLoadError:
             raise
         except Exception as exc:  # GGUFReader raises ValueError, KeyError, IndexError, ...
-            raise _refuse(
-                f"gguf could not parse the file: {exc.__class__.__name__}: {exc}"
-            ) from None
+            # The library's text can quote file contents: it goes to the log under an error
+            # id, the reason (shown to clients in RepositoryIndex) names only the id.
+            raise library_failure("gguf could not parse the file", exc) from None
     finally:
         os.close(fd)
     return _RawPolicy(fields, tensors)

@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from forseti.core.datatypes import BY_CONFIG_TYPE, TritonType
-from forseti.core.errors import ModelLoadError
+from forseti.core.errors import ModelLoadError, library_failure
 
 CONFIG_FILENAME = "config.pbtxt"
 
@@ -83,7 +83,10 @@ def parse_config_text(text: str, model_name: str) -> mc.ModelConfig:
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as exc:
-        raise ModelLoadError(f"invalid {CONFIG_FILENAME}: {exc}") from None
+        # protobuf's message quotes the config's own text; the reason (shown to clients in
+        # RepositoryIndex) gives the position, the log the whole message under an error id.
+        where = f" at line {exc.GetLine()}, column {exc.GetColumn()}" if exc.GetLine() else ""
+        raise library_failure(f"invalid {CONFIG_FILENAME}{where}", exc, model=model_name) from None
     if not config.name:
         config.name = model_name
     return config
