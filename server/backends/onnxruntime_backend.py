@@ -12,6 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from forseti.core.datatypes import ORT_TYPE_NAMES
 from forseti.core.errors import ModelLoadError, library_failure
 from forseti.core.repository.config import ModelSpec, TensorSpec, parameter
+from forseti.server.backends.onnx_external_data import parse_model, refuse_external_data
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,14 @@ class OnnxRuntimeBackend:
     """One onnxruntime session per instance; `run` borrows a free one."""
 
     def __init__(self, spec: ModelSpec, model_bytes: bytes) -> None:
+        # Before any session is built: onnxruntime would read a tensor's external data from a
+        # path relative to the working directory and could serve that file's bytes.
+        try:
+            model = parse_model(model_bytes)
+        except Exception as exc:  # google.protobuf's DecodeError: not an ONNX model
+            raise library_failure("onnxruntime could not load the model", exc) from None
+        refuse_external_data(model)
+        del model
         self.providers = choose_providers(spec.config, ort.get_available_providers())
         self.instance_count = instance_count(spec.config)
         options = session_options(spec.config)
