@@ -588,3 +588,43 @@ def test_checkpoint_writer_killed_mid_write_leaves_a_complete_checkpoint(
     fresh = PPO("MlpPolicy", "CartPole-v1", device="cpu", policy_kwargs={"net_arch": [256, 256]})
     restore_checkpoint(fresh, loaded)
     assert fresh.num_timesteps == loaded.info.num_timesteps
+
+
+@pytest.mark.parametrize(
+    "progress",
+    [{"policy": 3}, {"num_timesteps": "96"}, {"num_timesteps": True}],
+    ids=["unsaved-attribute", "string", "bool"],
+)
+def test_restore_refuses_progress_it_never_saves_and_changes_nothing(
+    tmp_path: Path, keyring: Keyring, progress: dict[str, Any]
+) -> None:
+    model = make_ppo().learn(64)
+    save(model, tmp_path, keyring)
+    fresh = make_ppo(seed=1)
+    loaded = latest(tmp_path, keyring, model=fresh)
+    assert loaded is not None
+    loaded.state["progress"].update(progress)
+    policy = fresh.policy
+
+    with pytest.raises(CheckpointError, match="progress attributes"):
+        restore_checkpoint(fresh, loaded)
+    assert fresh.policy is policy and fresh.num_timesteps == 0
+
+
+def test_a_full_replay_buffer_position_out_of_range_is_refused(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    from forseti.trainer_sidecar.replay_buffer_state import (
+        ReplayBufferStateError,
+        buffer_to_arrays,
+        check_buffer_fits,
+    )
+
+    model = make_sac()
+    buffer = model.replay_buffer
+    buffer.full, buffer.pos = True, 3
+    arrays, meta = buffer_to_arrays(buffer)
+    check_buffer_fits(buffer, arrays, meta)  # in range: fits
+    for pos in (buffer.buffer_size, -1, 10**9):
+        with pytest.raises(ReplayBufferStateError, match="position"):
+            check_buffer_fits(buffer, arrays, {**meta, "pos": pos})

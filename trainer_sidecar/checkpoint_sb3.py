@@ -384,7 +384,18 @@ def check_compatible(
             f"made by {loaded.info.algorithm}, the model is a {type(model).__name__}", path
         )
     _check_torch(model, _torch_objects(model), loaded)
-    missing = [a for a in loaded.state["progress"] if not hasattr(model, a)]
+    progress = loaded.state["progress"]
+    # Restore sets these attributes on the model: only the counters a checkpoint saves, and
+    # only as numbers, whatever else a (decrypted and authenticated) state file names.
+    unknown = sorted(set(progress) - set(PROGRESS_ATTRIBUTES))
+    if unknown:
+        raise CheckpointError(f"names progress attributes it never saves: {unknown}", path)
+    odd = sorted(
+        a for a, v in progress.items() if isinstance(v, bool) or not isinstance(v, int | float)
+    )
+    if odd:
+        raise CheckpointError(f"progress attributes {odd} are not numbers", path)
+    missing = [a for a in progress if not hasattr(model, a)]
     if missing:
         raise CheckpointError(f"the model lacks progress attributes {missing}", path)
     if loaded.replay_buffer is not None:

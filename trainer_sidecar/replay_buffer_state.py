@@ -87,7 +87,14 @@ def check_buffer_fits(
             f"saved replay buffer is full with {stored} slots, the model's holds "
             f"{buffer.buffer_size}; resume with the same buffer_size and n_envs"
         )
-    if not full and not (stored == pos <= buffer.buffer_size):
+    if full and not 0 <= pos < buffer.buffer_size:
+        # SB3 writes the next transition at pos: out of range, it would fail (or write
+        # elsewhere) only once training has resumed.
+        raise ReplayBufferStateError(
+            f"saved replay buffer is full with its position at {pos}, outside the "
+            f"0..{buffer.buffer_size - 1} slots of the model's buffer"
+        )
+    if not full and not (0 <= stored == pos <= buffer.buffer_size):
         raise ReplayBufferStateError(
             f"saved replay buffer holds {stored} slots (pos {pos}), the model's holds "
             f"{buffer.buffer_size}; resume with the same buffer_size and n_envs"
