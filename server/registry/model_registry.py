@@ -39,7 +39,7 @@ from forseti.server.registry.routing import (
     RoutingTable,
     VersionStatus,
 )
-from forseti.server.registry.version_loader import VersionLoader
+from forseti.server.registry.version_loader import DEFAULT_MAX_ARTIFACT_BYTES, VersionLoader
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,11 @@ class ModelRegistry:
         allow_plaintext: bool,
         max_batch_size: int = 4096,
         hooks: LifecycleHooks | None = None,
+        max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
     ) -> None:
         self.repository = repository
         self.max_batch_size = max_batch_size
-        self.loader = VersionLoader(keyring, allow_plaintext)
+        self.loader = VersionLoader(keyring, allow_plaintext, max_artifact_bytes)
         self.hooks = hooks if hooks is not None else LifecycleHooks()
         self.routing = RoutingTable(self.in_repository)
         # Statistics outlive reloads: a version keeps its counters across swaps.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +38,24 @@ class OpenedVersion:
     key_id: str | None  # the key that sealed the artifact; None for plaintext
 
 
+# The largest artifact file a version may have unless the server is told otherwise: far above
+# any policy network, and a bound on what one load holds in memory (the sealed bytes, then the
+# opened ones).
+DEFAULT_MAX_ARTIFACT_BYTES = 2 * 1024**3
+
+
 class VersionLoader:
     """Opens versions of a repository with one keyring."""
 
-    def __init__(self, keyring: Keyring | None, allow_plaintext: bool) -> None:
+    def __init__(
+        self,
+        keyring: Keyring | None,
+        allow_plaintext: bool,
+        max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+    ) -> None:
         self.keyring = keyring
         self.allow_plaintext = allow_plaintext
+        self.max_artifact_bytes = max_artifact_bytes
 
     def fingerprint(self, version_dir: Path, spec: ModelSpec) -> tuple[object, ...]:
         """What the artifact on disk looks like now; () when it cannot be found."""
@@ -68,7 +81,7 @@ class VersionLoader:
         try:
             artifact = find_artifact(version_dir, spec.artifact_filename, self.allow_plaintext)
             fingerprint = (config_digest, artifact.fingerprint())
-            blob = artifact.path.read_bytes()
+            blob = self._read_bounded(artifact.path)
             digest = hashlib.sha256(blob).hexdigest()
             if seen is not None:
                 seen["sha256"] = digest
@@ -97,6 +110,25 @@ class VersionLoader:
         except Exception as exc:
             log.exception("unexpected error loading version", extra={"model": spec.name})
             raise ModelLoadError(f"unexpected error: {exc.__class__.__name__}") from None
+
+    def _read_bounded(self, path: Path) -> bytes:
+        """The artifact's bytes, refused before reading when the file is over the limit (and
+        read no further than the limit plus one byte if it grows meanwhile)."""
+        limit = self.max_artifact_bytes
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise ModelLoadError(
+                    f"artifact is {size} bytes, over the server's limit of {limit} "
+                    "(--max-artifact-bytes)"
+                )
+            blob = fh.read(limit + 1)
+        if len(blob) > limit:
+            raise ModelLoadError(
+                f"artifact grew past the server's limit of {limit} bytes while it was read "
+                "(--max-artifact-bytes)"
+            )
+        return blob
 
     def _unseal(self, blob: bytes, spec: ModelSpec, version: int, filename: str) -> bytes:
         if self.keyring is None:
