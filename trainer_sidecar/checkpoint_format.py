@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import safetensors.numpy as st_numpy
 from safetensors import SafetensorError
 
-from forseti.core.repository.layout import version_dirs
+from forseti.core.repository.layout import parse_version_name, version_dirs
 from forseti.core.repository.publish import TEMP_PREFIX, PublishError, publish_version
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import SEALED_SUFFIX, SealError, open_sealed, seal_bytes
@@ -266,9 +266,9 @@ def load_checkpoint(
     import safetensors.torch as st_torch  # torch only here (see the module docstring)
 
     path = Path(path)
-    if not path.name.isdigit():
+    number = parse_version_name(path.name)
+    if number is None:
         raise CheckpointError("a checkpoint folder is named by its number", path)
-    number = int(path.name)
     try:
         state = json.loads(_open_file(path, keyring, run_name, number, STATE_FILE))
     except json.JSONDecodeError as exc:

@@ -19,6 +19,8 @@ import onnxruntime
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from forseti.core.repository.layout import parse_version_name
+
 log = logging.getLogger(__name__)
 
 # A batch of observations [n, obs_dim] -> a batch of actions [n, ...].
@@ -156,7 +158,7 @@ def live_version(
     except InferenceServerException as exc:
         log.info("no live version", extra={"model": model, "reason": exc.message()})
         return None
-    versions = [int(v) for v in metadata.versions if v.isdigit()]
+    versions = [n for n in map(parse_version_name, metadata.versions) if n is not None]
     return max(versions) if versions else None
 
 

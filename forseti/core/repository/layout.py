@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,44 @@ from forseti.core.sealing.sealed import SEALED_SUFFIX
 # A version folder's description of where it came from (written by the trainer): plain JSON
 # with no secret in it, never a model file, so it is neither sealed nor served.
 VERSION_MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
+
+# A version number is written in ASCII digits with no leading zero ("0" itself is version 0,
+# as Triton allows), at most 18 digits so that it always fits in an int64. `str.isdigit()`
+# is not the test: it accepts "²" (which int() then refuses) and "٣" (which int() reads as 3).
+MAX_VERSION_DIGITS = 18
+_VERSION_NAME = re.compile(rf"0|[1-9][0-9]{{0,{MAX_VERSION_DIGITS - 1}}}")
+
+# Folders already warned about, so that a poll every second does not repeat the warning
+# forever; bounded so that a folder full of odd names cannot grow it without end.
+_warned: set[str] = set()
+_WARNED_LIMIT = 4096
+
+
+def parse_version_name(name: str) -> int | None:
+    """The version number a folder name stands for, or None when it is not a version name:
+    ASCII digits only, no sign, no spaces, no leading zero (except "0"), at most 18 digits."""
+    if _VERSION_NAME.fullmatch(name) is None:  # fullmatch: "1\n" is not "1"
+        return None
+    return int(name)
+
+
+def warn_not_a_version(folder: Path | str) -> None:
+    """Log, once per folder, that a folder among the versions is skipped (later: debug)."""
+    key = os.fspath(folder)
+    if key in _warned:
+        log.debug("skipping folder that is not a version number: %r", key)
+        return
+    if len(_warned) >= _WARNED_LIMIT:
+        _warned.clear()
+    _warned.add(key)
+    log.warning(
+        "skipping folder %r: a version folder is named by its number in ASCII digits, "
+        "without leading zeros (at most %d digits)",
+        key,
+        MAX_VERSION_DIGITS,
+    )
 
 
 def is_hidden(name: str) -> bool:
@@ -31,16 +71,21 @@ def list_models(repo: Path) -> list[str]:
 
 
 def version_dirs(model_dir: Path) -> dict[int, Path]:
-    """Integer, non-hidden version folders of a model."""
+    """Integer, non-hidden version folders of a model. Other visible folders are skipped,
+    with a warning the first time each is seen (see parse_version_name)."""
     found: dict[int, Path] = {}
     try:
         entries = list(os.scandir(model_dir))
     except FileNotFoundError:
         return found
     for e in entries:
-        if is_hidden(e.name) or not e.is_dir() or not e.name.isdigit():
+        if is_hidden(e.name) or not e.is_dir():
             continue
-        found[int(e.name)] = Path(e.path)
+        number = parse_version_name(e.name)
+        if number is None:
+            warn_not_a_version(e.path)
+            continue
+        found[number] = Path(e.path)
     return found
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from forseti.core.durable import atomic_output
+from forseti.core.repository.layout import version_dirs
 
 from .key_rotation import read_header_key
 from .keyring import Keyring
@@ -164,11 +165,7 @@ def reseal_repository(
     newest = keyring.newest.key_id
     with _reseal_lock(repo):
         for model_dir in sorted(p for p in repo.iterdir() if _visible_dir(p)):
-            versions = sorted(
-                (int(p.name), p)
-                for p in model_dir.iterdir()
-                if _visible_dir(p) and p.name.isdigit()
-            )
+            versions = sorted(version_dirs(model_dir).items())
             for version, version_dir in versions:
                 for path in sorted(version_dir.glob(f"*{SEALED_SUFFIX}")):
                     if path.name.startswith(".") or not path.is_file():

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
-from forseti.core.repository.layout import VERSION_MANIFEST
+from forseti.core.repository.layout import VERSION_MANIFEST, parse_version_name, warn_not_a_version
 
 from .keyring import Keyring
 from .sealed import SEALED_SUFFIX, SealError, seal_file
 
 logger = logging.getLogger(__name__)
-
-_VERSION_RE = re.compile(r"[0-9]+")
 
 
 class SealRepositoryError(SealError):
@@ -50,9 +47,10 @@ def seal_repository(repo: Path, keyring: Keyring) -> list[Path]:
         for version_dir in sorted(model_dir.iterdir()):
             if not (_visible(version_dir) and version_dir.is_dir()):
                 continue
-            if not _VERSION_RE.fullmatch(version_dir.name):
+            version = parse_version_name(version_dir.name)
+            if version is None:
+                warn_not_a_version(version_dir)
                 continue
-            version = int(version_dir.name)
             for entry in sorted(version_dir.iterdir()):
                 if (
                     not _visible(entry)
