@@ -455,6 +455,7 @@ def test_a_refused_control_call_is_audited_without_its_token(
     audit_path = tmp_path / "server-audit.log"
     token_file = tmp_path / "control.tokens"
     token_file.write_text("sidecar-secret-token\n")
+    token_file.chmod(0o600)
     server = start_server(
         audited_repo,
         "--model-control-mode",

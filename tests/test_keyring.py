@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 import re
 import stat
@@ -105,6 +104,7 @@ def test_load_missing_file_suggests_forseti_keys_new(tmp_path: Path) -> None:
 def test_load_rejects_corrupt_json(tmp_path: Path) -> None:
     path = tmp_path / "keyring.json"
     path.write_text("{not json")
+    path.chmod(0o600)
 
     with pytest.raises(KeyringError, match="not valid JSON"):
         Keyring.load(path)
@@ -113,6 +113,7 @@ def test_load_rejects_corrupt_json(tmp_path: Path) -> None:
 def test_load_rejects_wrong_format_tag(tmp_path: Path) -> None:
     path = tmp_path / "keyring.json"
     path.write_text(json.dumps({"format": "other/9", "keys": [_entry("k1", bytes(32))]}))
+    path.chmod(0o600)
 
     with pytest.raises(KeyringError, match="unsupported format"):
         Keyring.load(path)
@@ -145,17 +146,15 @@ def test_load_rejects_empty_key_list(tmp_path: Path) -> None:
         Keyring.load(path)
 
 
-def test_load_warns_when_group_or_other_can_read(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_load_refuses_a_keyring_group_or_other_can_read(tmp_path: Path) -> None:
     path = tmp_path / "keyring.json"
     Keyring.generate().save(path)
     path.chmod(0o644)
 
-    with caplog.at_level(logging.WARNING, logger="forseti.core.sealing.keyring"):
+    with pytest.raises(KeyringError) as refused:
         Keyring.load(path)
 
-    assert "chmod 600" in caplog.text
+    assert f"readable by group/others (mode 0644); run: chmod 600 {path}" in str(refused.value)
 
 
 def test_key_repr_does_not_contain_secret() -> None:

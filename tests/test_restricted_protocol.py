@@ -288,6 +288,7 @@ def test_an_edited_token_file_takes_effect_without_restart(
     tokens = tmp_path / "admin.tokens"
     old, new = f"old-{secrets.token_urlsafe(18)}", f"new-{secrets.token_urlsafe(18)}"
     tokens.write_text(old + "\n")
+    tokens.chmod(0o600)
     server = ServerProcess(
         repo, keyring_path, ["--grpc-restricted-protocol", f"model-repository:admin=@{tokens}"]
     ).start()
@@ -301,6 +302,7 @@ def test_an_edited_token_file_takes_effect_without_restart(
         assert accepted(old) and not accepted(new)
         staged = tmp_path / "admin.tokens.new"
         staged.write_text(new + "\n")
+        staged.chmod(0o600)
         os.replace(staged, tokens)  # as an operator's atomic edit would
         deadline = time.monotonic() + 15
         while accepted(old) and time.monotonic() < deadline:
@@ -313,14 +315,36 @@ def test_an_edited_token_file_takes_effect_without_restart(
     assert "token file reloaded" in server.log()
 
 
-def test_an_emptied_token_file_keeps_the_previous_tokens(tmp_path: Path) -> None:
+def _reloaded(tmp_path: Path, change: Callable[[Path], object]) -> bool:
+    """Whether the file's old token is still accepted after `change` and a reload."""
     tokens = tmp_path / "t"
     token = secrets.token_urlsafe(18)
     tokens.write_text(token + "\n")
+    tokens.chmod(0o600)
     restrictions = RestrictedProtocols.from_settings([f"model-repository:k=@{tokens}"])
-    tokens.write_text("\n")
+    change(tokens)
     restrictions.reload_changed_files()
-    assert restrictions.groups[0].accepts(token)
+    return restrictions.groups[0].accepts(token)
+
+
+def test_an_emptied_token_file_leaves_no_valid_token(tmp_path: Path) -> None:
+    assert not _reloaded(tmp_path, lambda t: t.write_text("\n"))
+
+
+def test_a_deleted_token_file_leaves_no_valid_token(tmp_path: Path) -> None:
+    assert not _reloaded(tmp_path, Path.unlink)
+
+
+def test_a_token_file_of_invalid_lines_leaves_no_valid_token(tmp_path: Path) -> None:
+    assert not _reloaded(tmp_path, lambda t: t.write_text("no spaces allowed\n"))
+
+
+def test_a_token_file_made_group_readable_leaves_no_valid_token(tmp_path: Path) -> None:
+    def share(tokens: Path) -> None:
+        time.sleep(0.05)  # past the clock tick of the write, so the chmod changes the ctime
+        tokens.chmod(0o640)
+
+    assert not _reloaded(tmp_path, share)
 
 
 # ---- parsing the setting ------------------------------------------------------------------
@@ -372,6 +396,7 @@ def test_a_missing_token_file_is_refused(tmp_path: Path) -> None:
 
 def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "t").write_text("# only a comment\n\n")
+    (tmp_path / "t").chmod(0o600)
     with pytest.raises(RestrictionError, match="holds no token"):
         parse_restriction(f"inference:k=@{tmp_path / 't'}", env={})
 
@@ -379,6 +404,7 @@ def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
 def test_only_digests_of_tokens_are_kept(tmp_path: Path) -> None:
     token = secrets.token_urlsafe(18)
     (tmp_path / "t").write_text(f"{token}\n")
+    (tmp_path / "t").chmod(0o600)
     group = parse_restriction(f"inference:k=@{tmp_path / 't'}", env={})
     assert token not in repr(vars(group))
     assert all(len(d) == 32 for d in group.digests)

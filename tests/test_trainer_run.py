@@ -351,6 +351,7 @@ def test_sidecar_promotes_through_a_restricted_repository_protocol_with_its_toke
     repository.mkdir()
     tokens = tmp_path / "control.tokens"
     tokens.write_text("sidecar-token\n")
+    tokens.chmod(0o600)
     server = start_server(
         repository,
         "--model-control-mode",

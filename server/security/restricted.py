@@ -6,8 +6,11 @@ A protocol may appear in one group only. Forseti adds:
 
 * the value may name where the tokens are: `<key>=@/path/file` (one token per line; the file
   is re-read when it changes, so a second token can be added, clients moved over, and the old
-  one removed without a restart) or `<key>=env:VAR` (one token per line); a literal value still
-  works, with a warning, because any local user can read argv with `ps`;
+  one removed without a restart; it must be owned by the server's user with mode 0600, and a
+  file that becomes empty, missing, unparsable or readable by others means no valid token,
+  so the group's calls are all refused until it is fixed) or `<key>=env:VAR` (one token per
+  line); a literal value still works, with a warning, because any local user can read argv
+  with `ps`;
 * only SHA-256 digests of tokens are kept, compared with `hmac.compare_digest`;
 * a missing header is UNAUTHENTICATED, a wrong value PERMISSION_DENIED (Triton answers both
   with UNAVAILABLE); either way the call's handler never runs, and the refusal is logged with
@@ -25,7 +28,6 @@ import hmac
 import logging
 import os
 import re
-import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 import grpc
 
 from forseti.core.errors import new_request_id, with_request_id
+from forseti.core.secret_files import SecretFileError, read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -125,25 +128,35 @@ def _parse_tokens(text: str, where: str) -> tuple[bytes, ...]:
     return tuple(dict.fromkeys(digests))
 
 
-def _file_stamp(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+Stamp = tuple[int, int, int, int]
+# The stamp of a token file that cannot be stat'ed (deleted, or its folder unreadable).
+_NO_FILE: Stamp = (-1, -1, -1, -1)
 
 
-def _read_token_file(path: Path) -> tuple[tuple[bytes, ...], tuple[int, int, int]]:
+def _stamp(st: os.stat_result) -> Stamp:
+    # ctime too: a chmod changes neither size nor mtime, but must be noticed.
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _file_stamp(path: Path) -> Stamp:
+    return _stamp(path.stat())
+
+
+def _read_token_file(path: Path) -> tuple[tuple[bytes, ...], Stamp]:
+    """The token digests in a private token file, and the stamp of the file they came from.
+
+    The file must be owned by the server's user and give group/others no access (0600)."""
     where = f"token file {path}"
     try:
-        stamp = _file_stamp(path)
-        text = path.read_text(encoding="ascii")
+        data, st = read_secret_file(path, "token file")
+        text = data.decode("ascii")
     except UnicodeDecodeError:
         raise RestrictionError(f"{where} is not ASCII text") from None
+    except SecretFileError as exc:
+        raise RestrictionError(str(exc)) from None
     except OSError as exc:
         raise RestrictionError(f"cannot read {where}: {exc.strerror or exc}") from None
-    if stamp[1] and os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning(
-            "token file is readable by other users; chmod 600 it", extra={"path": str(path)}
-        )
-    return _parse_tokens(text, where), stamp
+    return _parse_tokens(text, where), _stamp(st)
 
 
 @dataclass
@@ -156,7 +169,7 @@ class ProtocolGroup:
     source: str  # where the tokens come from, safe to log: "file ...", "env ...", "argv"
     digests: tuple[bytes, ...] = field(repr=False)
     path: Path | None = None  # the token file, re-read when it changes
-    stamp: tuple[int, int, int] | None = field(default=None, repr=False)
+    stamp: Stamp | None = field(default=None, repr=False)
 
     def accepts(self, presented: str) -> bool:
         """Whether `presented` is one of the group's tokens, in time independent of where
@@ -263,19 +276,28 @@ class RestrictedProtocols:
         return bool(self.groups)
 
     def reload_changed_files(self) -> None:
-        """Re-read token files whose inode, size or mtime changed. A file that cannot be read
-        or holds no token keeps the previous tokens (a half-written file must not lock every
-        client out); the problem is logged."""
+        """Re-read token files whose inode, size, mtime or ctime changed.
+
+        Fails closed: a token file that has become empty, missing, unreadable, unparsable or
+        readable by others leaves its group with no valid token, so every call to it is
+        refused until the file is fixed; a warning says why, once per change of the file.
+        Replace the file atomically (write a new file, chmod 600, rename it over the old one)
+        so that no check can see it half-written."""
         for group in self.groups:
             if group.path is None:
                 continue
             try:
-                if _file_stamp(group.path) == group.stamp:
-                    continue
+                stamp = _file_stamp(group.path)
+            except OSError:
+                stamp = _NO_FILE
+            if stamp == group.stamp:
+                continue
+            try:
                 digests, stamp = _read_token_file(group.path)
-            except (OSError, RestrictionError) as exc:
-                log.error(
-                    "token file not reloaded; the previous tokens stay valid",
+            except RestrictionError as exc:
+                group.digests, group.stamp = (), stamp
+                log.warning(
+                    "token file unusable; every call to the group is refused until it is fixed",
                     extra={"group": group.label, "problem": str(exc)},
                 )
                 continue

@@ -3,8 +3,9 @@
 Triton's semantics: `--grpc-use-ssl` serves TLS with `--grpc-server-cert`/`--grpc-server-key`;
 `--grpc-use-ssl-mutual` implies it and also requires every client to present a certificate
 signed by `--grpc-root-cert`. The files are checked at start (readable, PEM, key matches the
-certificate, certificate currently valid) so a mistake stops the server with a clear message
-instead of failing every handshake later. No message or log line contains key material.
+certificate, certificate currently valid, private key owned by the server's user with mode
+0600: a key that group/others can read is refused) so a mistake stops the server with a clear
+message instead of failing every handshake later. No message or log line contains key material.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 import ssl
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from forseti.core.secret_files import SecretFileError, read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,19 @@ def _check_key(
     public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*public) != leaf.public_key().public_bytes(*public):
         raise TlsError(f"{key_option} {key_path} does not belong to the certificate in {cert_path}")
-    if os.stat(key_path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning(
-            "TLS key file is readable by other users; chmod 600 it", extra={"path": str(key_path)}
-        )
+
+
+def _read_key(path: Path | None, option: str) -> bytes:
+    """The private key's PEM bytes, only from a file owned by the server's user that gives
+    group/others no access (0600 or 0400)."""
+    if path is None:
+        raise TlsError(f"{option} is required: the server certificate's PEM private key")
+    try:
+        return read_secret_file(path, f"TLS private key ({option})")[0]
+    except SecretFileError as exc:
+        raise TlsError(str(exc)) from None
+    except OSError as exc:
+        raise TlsError(f"{option} {path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def load_server_pair(
@@ -105,7 +115,7 @@ def load_server_pair(
 ) -> tuple[bytes, bytes]:
     """The (key, certificate chain) PEM bytes, checked to belong together and be valid now."""
     cert_pem = _read(cert_path, cert_option, "the server's PEM certificate (chain)")
-    key_pem = _read(key_path, key_option, "the server certificate's PEM private key")
+    key_pem = _read_key(key_path, key_option)
     assert cert_path is not None and key_path is not None
     leaf = _certificates(cert_pem, cert_path, cert_option)[0]
     _check_key(key_pem, key_path, key_option, leaf, cert_path)

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import secrets
-import stat
 import threading
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from forseti.core.durable import atomic_write
+from forseti.core.secret_files import SecretFileError, read_secret_file
 
 logger = logging.getLogger(__name__)
 
@@ -170,24 +170,20 @@ class Keyring:
 
     @classmethod
     def load(cls, path: str | Path) -> Keyring:
-        """Read and validate a keyring file; warn if others can read it."""
+        """Read and validate a keyring file. It must be owned by this process's user and give
+        group/others no access (0600, as `save` writes it); otherwise it is refused."""
         path = Path(path)
         try:
-            st = path.stat()
-            text = path.read_text(encoding="utf-8")
+            data, _ = read_secret_file(path, "keyring")
+            text = data.decode("utf-8")
         except FileNotFoundError:
             raise KeyringError(
                 f"keyring file {path} does not exist; create one with `forseti keys new {path}`"
             ) from None
+        except SecretFileError as exc:
+            raise KeyringError(str(exc)) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise KeyringError(f"cannot read keyring file {path}: {exc}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            logger.warning(
-                "keyring file %s has mode %o; group/other can access it, run `chmod 600 %s`",
-                path,
-                stat.S_IMODE(st.st_mode),
-                path,
-            )
         return cls.from_json(text, source=str(path))
 
     def save(self, path: str | Path) -> None:
@@ -270,6 +266,9 @@ def keyring_from_environment(environ: MutableMapping[str, str] | None = None) ->
     memfd or a mounted secret file), then close it. ``FORSETI_KEYRING``: the keyring JSON
     itself when it starts with ``{``, else the path of a keyring file. A keyring given as JSON
     is removed from the environment once read, so child processes do not inherit it.
+    A keyring file named by path is checked like ``--keyring`` (owner-only, else refused); the
+    JSON and the descriptor have no file of their own to check: whoever launched forseti
+    chose who can read them.
     """
     env = os.environ if environ is None else environ
     fd_text = env.get(KEYRING_FD_ENV, "").strip()
