@@ -36,6 +36,7 @@ from forseti.server.security.tls import (
     GrpcTlsOptions,
     TlsError,
     grpc_server_credentials,
+    is_loopback,
     metrics_ssl_context,
 )
 
@@ -69,6 +70,9 @@ class ServerOptions:
     restricted_protocols: list[str] = field(default_factory=list)  # Triton's settings, in order
     metrics_ssl_cert: Path | None = None
     metrics_ssl_key: Path | None = None
+    # Serve model control (explicit mode) on a non-loopback address with neither a
+    # model-repository token nor mutual TLS; refused at start without it.
+    allow_unauthenticated_control: bool = False
 
 
 AUDITED_REFUSALS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload", "RepositoryIndex"})
@@ -76,6 +80,36 @@ AUDITED_REFUSALS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload", "R
 
 class StartupError(Exception):
     """The server cannot start; the message says what to fix."""
+
+
+def control_guard(options: ServerOptions, restrictions: RestrictedProtocols) -> str:
+    """What keeps callers who reach the gRPC port from changing the served models.
+
+    "mode": none and poll mode refuse RepositoryModelLoad/Unload whoever sends them, so the
+    rule does not apply; "token": the model-repository group needs a token; "mutual-tls":
+    every client needs a certificate from --grpc-root-cert; "loopback": only this host can
+    connect; "none": nothing, anyone who reaches the port can load and unload models.
+    """
+    if options.control_mode != "explicit":
+        return "mode"
+    if any("model-repository" in group.protocols for group in restrictions.groups):
+        return "token"
+    if options.grpc_tls.use_ssl_mutual:
+        return "mutual-tls"
+    if is_loopback(options.grpc_address):
+        return "loopback"
+    return "none"
+
+
+def control_exposure_fixes() -> str:
+    """The ways out of an exposed control plane, for the start-up refusal."""
+    return (
+        "add a token to the model-repository group "
+        "(--grpc-restricted-protocol=model-repository:<key>=@<token-file>), or require client "
+        "certificates (--grpc-use-ssl-mutual --grpc-server-cert <pem> --grpc-server-key <pem> "
+        "--grpc-root-cert <ca-pem>), or bind to loopback (--grpc-address 127.0.0.1); "
+        "--allow-unauthenticated-control accepts the risk and serves it anyway"
+    )
 
 
 def _open_keyring(options: ServerOptions) -> Keyring | None:
@@ -128,6 +162,7 @@ def assemble(
     control_mode: str = "none",
     strict_readiness: bool = True,
     audit: AuditLog | None = None,
+    unauthenticated_control: bool = False,
 ) -> Service:
     """Wire the registry, its lifecycle listeners, the request handler and model control."""
     trail = AuditTrail(audit)
@@ -139,7 +174,9 @@ def assemble(
     return Service(
         registry=registry,
         handler=InferenceHandler(registry, max_inflight),
-        control=ModelControl(registry, trail, control_mode),
+        control=ModelControl(
+            registry, trail, control_mode, unauthenticated=unauthenticated_control
+        ),
         watcher=RepositoryWatcher(registry),
         audit=trail,
         state=ServerState(strict_readiness=strict_readiness, control_mode=control_mode),
@@ -168,6 +205,33 @@ async def serve(options: ServerOptions) -> int:
         raise StartupError(f"--model-control-mode must be one of {', '.join(CONTROL_MODES)}")
     if not options.model_repository.is_dir():
         raise StartupError(f"model repository {options.model_repository} is not a folder")
+    try:
+        credentials = grpc_server_credentials(options.grpc_tls)
+        restrictions = RestrictedProtocols.from_settings(options.restricted_protocols)
+        metrics_tls = metrics_ssl_context(options.metrics_ssl_cert, options.metrics_ssl_key)
+    except (TlsError, RestrictionError) as exc:
+        raise StartupError(str(exc)) from None
+    guard = control_guard(options, restrictions)
+    exposed = guard == "none"
+    if exposed:
+        exposure = (
+            f"--model-control-mode explicit on --grpc-address {options.grpc_address} with no "
+            f"restriction: anyone who reaches port {options.grpc_port} can load and unload "
+            "models (RepositoryModelLoad/Unload)"
+        )
+        if not options.allow_unauthenticated_control:
+            raise StartupError(
+                f"refusing to start: {exposure}. To fix it, {control_exposure_fixes()}"
+            )
+        log.warning(
+            "unauthenticated model control (--allow-unauthenticated-control): "
+            f"{exposure}; each control call's audit record carries unauthenticated_control"
+        )
+    elif options.allow_unauthenticated_control:
+        log.info(
+            "--allow-unauthenticated-control has no effect: model control is guarded",
+            extra={"control_guard": guard},
+        )
     keyring = _open_keyring(options)
     service = assemble(
         options.model_repository.resolve(),
@@ -178,15 +242,9 @@ async def serve(options: ServerOptions) -> int:
         control_mode=options.control_mode,
         strict_readiness=options.strict_readiness,
         audit=_open_audit(options),
+        unauthenticated_control=exposed,
     )
     registry, state, audit = service.registry, service.state, service.audit
-
-    try:
-        credentials = grpc_server_credentials(options.grpc_tls)
-        restrictions = RestrictedProtocols.from_settings(options.restricted_protocols)
-        metrics_tls = metrics_ssl_context(options.metrics_ssl_cert, options.metrics_ssl_key)
-    except (TlsError, RestrictionError) as exc:
-        raise StartupError(str(exc)) from None
 
     async def audit_refusal(method: str, fields: dict[str, str]) -> None:
         # Refused control calls are audited; refused inference calls only logged, so a flood
@@ -235,6 +293,7 @@ async def serve(options: ServerOptions) -> int:
 
     await initial_load(service, options.load_models)
     state.started = True
+    unauthenticated: dict[str, object] = {"unauthenticated_control": True} if exposed else {}
     await audit.record(
         "server.ready",
         repository=str(options.model_repository),
@@ -242,10 +301,16 @@ async def serve(options: ServerOptions) -> int:
         tls=options.grpc_tls.mode,
         control_mode=options.control_mode,
         models=registry.model_names()[:64],
+        control_guard=guard,
+        **unauthenticated,
     )
     log.info(
         "server ready",
-        extra={"mode": options.control_mode, "models": len(registry.model_names())},
+        extra={
+            "mode": options.control_mode,
+            "control_guard": guard,
+            "models": len(registry.model_names()),
+        },
     )
     poller = None
     if options.control_mode == "poll":

@@ -136,6 +136,14 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
         help="PEM certificate of the CA that signs client certificates (mutual TLS)",
     )
     p.add_argument(
+        "--allow-unauthenticated-control",
+        action="store_true",
+        help="start even though model control (--model-control-mode explicit) is reachable "
+        "on a non-loopback --grpc-address with neither a model-repository token "
+        "(--grpc-restricted-protocol model-repository:...) nor mutual TLS; without it that "
+        "setup is refused. Logged as a warning, and on every control call's audit record",
+    )
+    p.add_argument(
         "--grpc-restricted-protocol",
         action="append",
         default=[],
@@ -189,6 +197,7 @@ def main_serve(argv: list[str]) -> int:
             root_cert=args.grpc_root_cert,
         ),
         restricted_protocols=args.grpc_restricted_protocol,
+        allow_unauthenticated_control=args.allow_unauthenticated_control,
         metrics_ssl_cert=args.metrics_ssl_cert,
         metrics_ssl_key=args.metrics_ssl_key,
     )

@@ -27,16 +27,28 @@ _INTERNAL = "INTERNAL"
 class ModelControl:
     """Loads and unloads models on request (explicit mode) and lists the repository."""
 
-    def __init__(self, registry: ModelRegistry, audit: AuditTrail, control_mode: str) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        audit: AuditTrail,
+        control_mode: str,
+        *,
+        unauthenticated: bool = False,
+    ) -> None:
         self.registry = registry
         self.audit = audit
         self.control_mode = control_mode
+        # Served with --allow-unauthenticated-control on a reachable address: every audit
+        # record of a control call says so, so the log shows which calls nobody vouched for.
+        self.unauthenticated = unauthenticated
 
     async def _record(
         self, event: str, caller: CallerIdentity, result: str, message: str = "", **what: object
     ) -> None:
         if not self.audit.enabled:
             return
+        if self.unauthenticated:
+            what["unauthenticated_control"] = True
         await self.audit.record(
             event,
             peer=caller.peer,
