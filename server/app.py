@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from forseti.core.audit import AuditError, AuditLog
+from forseti.core.repository.layout import DEFAULT_MAX_ARTIFACT_BYTES
 from forseti.core.sealing.keyring import (
     Keyring,
     KeyringError,
@@ -64,6 +65,7 @@ class ServerOptions:
     strict_readiness: bool = True
     max_request_bytes: int = 8 * 1024 * 1024
     max_batch_size: int = 4096
+    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
     max_inflight_requests: int = 1024
     exit_timeout_secs: float = 30.0
     grpc_tls: GrpcTlsOptions = field(default_factory=GrpcTlsOptions)
@@ -158,6 +160,7 @@ def assemble(
     *,
     allow_plaintext: bool = False,
     max_batch_size: int = 4096,
+    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
     max_inflight: int = 1024,
     control_mode: str = "none",
     strict_readiness: bool = True,
@@ -169,7 +172,12 @@ def assemble(
     hooks = LifecycleHooks()
     hooks.subscribe(trail)
     registry = ModelRegistry(
-        repository, keyring, allow_plaintext, max_batch_size=max_batch_size, hooks=hooks
+        repository,
+        keyring,
+        allow_plaintext,
+        max_batch_size=max_batch_size,
+        hooks=hooks,
+        max_artifact_bytes=max_artifact_bytes,
     )
     return Service(
         registry=registry,
@@ -238,6 +246,7 @@ async def serve(options: ServerOptions) -> int:
         keyring,
         allow_plaintext=options.allow_plaintext,
         max_batch_size=options.max_batch_size,
+        max_artifact_bytes=options.max_artifact_bytes,
         max_inflight=options.max_inflight_requests,
         control_mode=options.control_mode,
         strict_readiness=options.strict_readiness,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from forseti.core.logs import configure_logging
+from forseti.core.repository.layout import DEFAULT_MAX_ARTIFACT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,13 @@ def serve_parser() -> argparse.ArgumentParser:
         type=int,
         default=8 * 1024 * 1024,
         help="largest request accepted; bigger ones get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-artifact-bytes",
+        type=int,
+        default=DEFAULT_MAX_ARTIFACT_BYTES,
+        help="largest model file a version may have; a bigger one is refused before it is read "
+        "(default %(default)s, 2 GiB)",
     )
     p.add_argument(
         "--max-batch-size",
@@ -187,6 +195,7 @@ def main_serve(argv: list[str]) -> int:
         strict_readiness=args.strict_readiness,
         max_request_bytes=args.max_request_bytes,
         max_batch_size=args.max_batch_size,
+        max_artifact_bytes=args.max_artifact_bytes,
         max_inflight_requests=args.max_inflight_requests,
         exit_timeout_secs=args.exit_timeout_secs,
         grpc_tls=GrpcTlsOptions(

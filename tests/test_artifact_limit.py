@@ -35,3 +35,21 @@ def test_an_artifact_over_the_limit_is_refused_and_the_live_version_keeps_servin
     reason, serving = asyncio.run(main())
     assert "over the server's limit" in reason and "--max-artifact-bytes" in reason
     assert serving == 1
+
+
+def test_serve_takes_the_limit_from_its_flag(
+    tmp_path: Path, keyring: Keyring, start_server
+) -> None:
+    repo = tmp_path / "repo"
+    write_config(repo, "policy", POLICY_CONFIG)
+    publish_sealed(repo, "policy", policy_onnx(1), keyring, version=1)
+    server = start_server(repo, "--max-artifact-bytes", "100", wait_ready=False)
+    server.wait(
+        lambda c: "limit of 100 (--max-artifact-bytes)" in str(c.get_model_repository_index()),
+        timeout=30,
+    )
+    client = server.client()
+    try:
+        assert not client.is_model_ready("policy")
+    finally:
+        client.close()

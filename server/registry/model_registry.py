@@ -19,7 +19,13 @@ from pathlib import Path
 
 from forseti.core.errors import ModelLoadError, NotFound, shown
 from forseti.core.repository.config import ModelSpec, model_spec, read_model_config
-from forseti.core.repository.layout import is_hidden, list_models, select_versions, version_dirs
+from forseti.core.repository.layout import (
+    DEFAULT_MAX_ARTIFACT_BYTES,
+    is_hidden,
+    list_models,
+    select_versions,
+    version_dirs,
+)
 from forseti.core.sealing.keyring import Keyring
 from forseti.server.registry.lifecycle import (
     LifecycleHooks,
@@ -39,7 +45,7 @@ from forseti.server.registry.routing import (
     RoutingTable,
     VersionStatus,
 )
-from forseti.server.registry.version_loader import DEFAULT_MAX_ARTIFACT_BYTES, VersionLoader
+from forseti.server.registry.version_loader import VersionLoader
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)

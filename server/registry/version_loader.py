@@ -16,7 +16,7 @@ from pathlib import Path
 
 from forseti.core.errors import ModelLoadError
 from forseti.core.repository.config import ModelSpec
-from forseti.core.repository.layout import find_artifact
+from forseti.core.repository.layout import DEFAULT_MAX_ARTIFACT_BYTES, find_artifact
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import SealError, open_sealed, peek_key_id
 from forseti.server.backends import create_backend
@@ -36,12 +36,6 @@ class OpenedVersion:
     fingerprint: tuple[object, ...]  # (config digest, artifact file identity)
     warm_ns: int  # the slowest warm-up run
     key_id: str | None  # the key that sealed the artifact; None for plaintext
-
-
-# The largest artifact file a version may have unless the server is told otherwise: far above
-# any policy network, and a bound on what one load holds in memory (the sealed bytes, then the
-# opened ones).
-DEFAULT_MAX_ARTIFACT_BYTES = 2 * 1024**3
 
 
 class VersionLoader:

@@ -116,6 +116,12 @@ class Artifact:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+# The largest artifact file a server reads unless told otherwise (--max-artifact-bytes): far
+# above any policy network, and a bound on what one load holds in memory (the sealed bytes,
+# then the opened ones).
+DEFAULT_MAX_ARTIFACT_BYTES = 2 * 1024**3
+
+
 def find_artifact(version_dir: Path, filename: str, allow_plaintext: bool) -> Artifact:
     """Locate `<filename>.sealed` (or the plaintext file, only when allowed)."""
     sealed = version_dir / (filename + SEALED_SUFFIX)
