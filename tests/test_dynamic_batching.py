@@ -204,17 +204,22 @@ def test_higher_priority_request_runs_before_an_earlier_lower_priority_one(
         assert results[0][0] == "ok", results
         finished.append(tag)
 
-    blocker = threading.Thread(target=call, args=("blocker", 1))
+    # Every call fills the model's max_batch_size (64 rows), so no two share a batch. Two
+    # blockers (~25 ms each on a fast 2-core machine) keep the model busy while the low- and
+    # then the high-priority call arrive and queue.
+    blockers = [threading.Thread(target=call, args=(f"blocker{i}", 1)) for i in (1, 2)]
     low = threading.Thread(target=call, args=("low", 2))
     high = threading.Thread(target=call, args=("high", 1))
-    blocker.start()
-    time.sleep(0.01)  # the blocker runs for well over 20 ms; the next two queue behind it
-    low.start()
+    for b in blockers:
+        b.start()
+        time.sleep(0.005)
     time.sleep(0.01)
+    low.start()
+    time.sleep(0.005)
     high.start()
-    for t in (blocker, low, high):
+    for t in (*blockers, low, high):
         t.join(60)
-    assert finished == ["blocker", "high", "low"]
+    assert finished[-2:] == ["high", "low"], finished
 
 
 def test_cancelled_queued_requests_give_their_queue_slots_back(
