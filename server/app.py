@@ -67,6 +67,8 @@ class ServerOptions:
     max_batch_size: int = 4096
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
     max_inflight_requests: int = 1024
+    max_concurrent_rpcs: int = 4096  # 0: no limit
+    max_streams_per_connection: int = 256  # 0: gRPC's default
     exit_timeout_secs: float = 30.0
     grpc_tls: GrpcTlsOptions = field(default_factory=GrpcTlsOptions)
     restricted_protocols: list[str] = field(default_factory=list)  # Triton's settings, in order
@@ -262,15 +264,22 @@ async def serve(options: ServerOptions) -> int:
             await audit.record("repository.refused", **fields)
 
     interceptor = RestrictedProtocolInterceptor(restrictions, audit_refusal)
+    grpc_options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", options.max_request_bytes),
+        ("grpc.max_send_message_length", -1),
+        # A second server on the same port must fail, not share it silently.
+        ("grpc.so_reuseport", 0),
+    ]
+    if options.max_streams_per_connection:
+        # One client cannot hold more streams than this open on its connection.
+        grpc_options.append(("grpc.max_concurrent_streams", options.max_streams_per_connection))
     server = grpc.aio.server(
         # No restriction, no interceptor: the request path stays as it was.
         interceptors=[interceptor] if restrictions else None,
-        options=[
-            ("grpc.max_receive_message_length", options.max_request_bytes),
-            ("grpc.max_send_message_length", -1),
-            # A second server on the same port must fail, not share it silently.
-            ("grpc.so_reuseport", 0),
-        ],
+        options=grpc_options,
+        # Bounds the calls (and their memory) open at once, whatever they are; the in-flight
+        # limit above bounds inference alone, with the server's own message.
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs or None,
     )
     add_servicer(service.servicer(), server)
     address = f"{options.grpc_address}:{options.grpc_port}"

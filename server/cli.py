@@ -110,6 +110,19 @@ def serve_parser() -> argparse.ArgumentParser:
         help="server-wide limit of queued/running inference requests; more get "
         "RESOURCE_EXHAUSTED at once (0: no limit)",
     )
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=4096,
+        help="calls of any kind open at once (gRPC's maximum_concurrent_rpcs); more get "
+        "RESOURCE_EXHAUSTED from gRPC itself, streams and control calls included (0: no limit)",
+    )
+    p.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=256,
+        help="HTTP/2 streams one client connection may hold open at once (0: gRPC's default)",
+    )
     p.add_argument("--exit-timeout-secs", type=float, default=30.0, help="drain time on stop")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
@@ -197,6 +210,8 @@ def main_serve(argv: list[str]) -> int:
         max_batch_size=args.max_batch_size,
         max_artifact_bytes=args.max_artifact_bytes,
         max_inflight_requests=args.max_inflight_requests,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_streams_per_connection=args.max_streams_per_connection,
         exit_timeout_secs=args.exit_timeout_secs,
         grpc_tls=GrpcTlsOptions(
             use_ssl=args.grpc_use_ssl,

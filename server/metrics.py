@@ -192,13 +192,27 @@ class _TlsMetricsServer(ThreadingHTTPServer):
             self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
 
 
+# A scrape is one short request: a client silent for this long is dropped, so slow or idle
+# connections cannot hold the endpoint's threads (one per connection) indefinitely.
+CLIENT_TIMEOUT_S = 10.0
+
+
 def start_metrics_server(
-    registry: ModelRegistry, address: str, port: int, ssl_context: ssl.SSLContext | None = None
+    registry: ModelRegistry,
+    address: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    client_timeout_s: float = CLIENT_TIMEOUT_S,
 ) -> ThreadingHTTPServer:
     """Serve /metrics on address:port from a background thread, over HTTPS when `ssl_context`
-    is given."""
+    is given; a connection silent for `client_timeout_s` is closed."""
     family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
-    handler = type("Handler", (_MetricsHandler,), {"collector": TritonMetricsCollector(registry)})
+    handler = type(
+        "Handler",
+        (_MetricsHandler,),
+        # BaseHTTPRequestHandler applies `timeout` to each connection's socket.
+        {"collector": TritonMetricsCollector(registry), "timeout": client_timeout_s},
+    )
     base = ThreadingHTTPServer if ssl_context is None else _TlsMetricsServer
     server_class = type(
         "MetricsServer",
