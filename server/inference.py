@@ -27,6 +27,7 @@ class InferenceHandler:
 
     def __init__(self, registry: ModelRegistry, max_inflight: int = 0) -> None:
         self.registry = registry
+        self._route = registry.routing.route  # one call less than registry.route per request
         self.max_inflight = max_inflight  # 0: no server-wide limit
         self.inflight = 0  # requests between routing and answering
         self._encoders: dict[LoadedVersion, ResponseEncoder] = {}
@@ -40,13 +41,13 @@ class InferenceHandler:
         While it runs, the version counts it as in flight, so a swap drains it before the
         version is released."""
         start = _now_ns()
-        lv = self.registry.route(request.model_name, request.model_version)
+        lv = self._route(request.model_name, request.model_version)
         if self.max_inflight and self.inflight >= self.max_inflight:
             raise ResourceExhausted(
                 f"server is at its limit of {self.max_inflight} in-flight requests; retry later"
             )
         stats = lv.stats
-        lv.inflight += 1
+        lv.acquire()
         self.inflight += 1
         try:
             spec = lv.spec
