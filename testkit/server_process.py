@@ -135,6 +135,23 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def serve_args(repository: Path, keyring: Path, *extra: str) -> list[str]:
+    """`forseti serve` arguments for `repository` and `keyring` on free ports (run_forseti's
+    arguments for a server that is expected to refuse to start)."""
+    return [
+        "serve",
+        "--model-repository",
+        str(repository),
+        "--keyring",
+        str(keyring),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        *extra,
+    ]
+
+
 def run_forseti(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the `forseti` command in a subprocess and capture its output."""
     return subprocess.run(

@@ -15,24 +15,9 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from testkit.certificates import make_certificates
-from testkit.server_process import ServerProcess, free_port, run_forseti
+from testkit.server_process import ServerProcess, run_forseti, serve_args
 
 EXPLICIT = ["--model-control-mode", "explicit", "--load-model", "policy"]
-
-
-def _serve_args(repo: Path, keyring: Path, *extra: str) -> list[str]:
-    return [
-        "serve",
-        "--model-repository",
-        str(repo),
-        "--keyring",
-        str(keyring),
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        *extra,
-    ]
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "::"])
@@ -41,7 +26,7 @@ def test_explicit_mode_on_a_public_address_without_restriction_is_refused(
 ) -> None:
     # Before the fix this server started (and run_forseti timed out waiting for it to exit).
     done = run_forseti(
-        *_serve_args(repository, keyring_path, "--grpc-address", address, *EXPLICIT), timeout=30
+        *serve_args(repository, keyring_path, "--grpc-address", address, *EXPLICIT), timeout=30
     )
     assert done.returncode == 2, done.stderr
     message = done.stderr
@@ -56,7 +41,7 @@ def test_explicit_mode_on_a_public_address_without_restriction_is_refused(
 
 def test_the_default_address_is_refused_too(repository: Path, keyring_path: Path) -> None:
     """No --grpc-address at all: the default 0.0.0.0 is the README's original example."""
-    done = run_forseti(*_serve_args(repository, keyring_path, *EXPLICIT), timeout=30)
+    done = run_forseti(*serve_args(repository, keyring_path, *EXPLICIT), timeout=30)
     assert done.returncode == 2, done.stderr
     assert "--grpc-address 0.0.0.0" in done.stderr
 
@@ -230,7 +215,7 @@ def test_one_way_tls_alone_is_no_restriction(
     """TLS without client certificates hides the wire, not who may call: still refused."""
     certs = make_certificates(tmp_path / "certs")
     done = run_forseti(
-        *_serve_args(
+        *serve_args(
             repository,
             keyring_path,
             "--grpc-address",

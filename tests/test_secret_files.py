@@ -28,7 +28,7 @@ from forseti.server.security.restricted import (
 from forseti.server.security.tls import TlsError, load_server_pair
 from testkit.certificates import make_certificates
 from testkit.model_builders import build_repository
-from testkit.server_process import ServerProcess, free_port, run_forseti
+from testkit.server_process import ServerProcess, run_forseti, serve_args
 
 HEADER = f"{HEADER_PREFIX}admin"
 WAIT_SECS = 15.0  # the server checks token files every 2 s
@@ -177,20 +177,7 @@ def test_a_keyring_readable_by_others_stops_the_server(
     shared = tmp_path / "shared-keyring.json"
     shared.write_bytes(keyring_path.read_bytes())
     shared.chmod(0o640)
-    done = run_forseti(
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--keyring",
-        str(shared),
-        "--grpc-address",
-        "127.0.0.1",
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        timeout=30,
-    )
+    done = run_forseti(*serve_args(repository, shared, "--grpc-address", "127.0.0.1"), timeout=30)
     assert done.returncode != 0
     assert f"run: chmod 600 {shared}" in done.stderr
     assert "grpc listening" not in done.stderr
@@ -221,18 +208,13 @@ def test_a_token_file_readable_by_group_stops_the_server(
     tokens.write_text(token + "\n")
     tokens.chmod(0o640)
     done = run_forseti(
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--keyring",
-        str(keyring_path),
-        "--grpc-address",
-        "127.0.0.1",
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        f"--grpc-restricted-protocol=model-repository:admin=@{tokens}",
+        *serve_args(
+            repository,
+            keyring_path,
+            "--grpc-address",
+            "127.0.0.1",
+            f"--grpc-restricted-protocol=model-repository:admin=@{tokens}",
+        ),
         timeout=30,
     )
     assert done.returncode == 2, done.stderr
@@ -247,22 +229,17 @@ def test_a_tls_key_readable_by_others_stops_the_server(
     certs = make_certificates(tmp_path / "certs")
     certs.server.key.chmod(0o644)
     done = run_forseti(
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--keyring",
-        str(keyring_path),
-        "--grpc-address",
-        "127.0.0.1",
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        "--grpc-use-ssl",
-        "--grpc-server-cert",
-        str(certs.server.cert),
-        "--grpc-server-key",
-        str(certs.server.key),
+        *serve_args(
+            repository,
+            keyring_path,
+            "--grpc-address",
+            "127.0.0.1",
+            "--grpc-use-ssl",
+            "--grpc-server-cert",
+            str(certs.server.cert),
+            "--grpc-server-key",
+            str(certs.server.key),
+        ),
         timeout=30,
     )
     assert done.returncode == 2, done.stderr
