@@ -10,6 +10,7 @@ What it does, in one run:
   both max_batch_size 64; the variants (`--variants`) are
     direct     no dynamic_batching: each request runs as it arrives
     b<D>       dynamic_batching { max_queue_delay_microseconds: D }
+    b<D>p<P>   the same with preferred_batch_size P (several joined by '-': b2000p4-16)
     b<D>x<N>   the same with instance_group [ { count: N kind: KIND_CPU } ]
   e.g. `mlp_direct`, `mlp_b500`, `cnn_b0x2`, all served by one `forseti serve`;
 * checks that every variant answers a request exactly like its family's `direct` model;
@@ -163,22 +164,29 @@ def cnn_onnx(
 
 BUILDERS: dict[str, Callable[..., bytes]] = {"mlp": mlp_onnx, "cnn": cnn_onnx}
 
-_VARIANT = re.compile(r"^(?:direct|b(\d+))(?:x(\d+))?$")
+_VARIANT = re.compile(r"^(?:direct|b(\d+)(?:p(\d+(?:-\d+)*))?)(?:x(\d+))?$")
 
 
-def parse_variant(variant: str) -> tuple[int | None, int]:
-    """(max queue delay in us, or None for no dynamic_batching; instance count)."""
+def parse_variant(variant: str) -> tuple[int | None, int, list[int]]:
+    """(max queue delay in us, or None for no dynamic_batching; instance count; preferred
+    batch sizes)."""
     m = _VARIANT.match(variant)
-    if m is None or (m.group(2) is not None and int(m.group(2)) < 1):
+    preferred = [int(p) for p in m.group(2).split("-")] if m and m.group(2) else []
+    if (
+        m is None
+        or (m.group(3) is not None and int(m.group(3)) < 1)
+        or any(not 1 <= p <= MAX_BATCH for p in preferred)
+    ):
         raise ValueError(
-            f"variant {variant!r}: expected 'direct', 'b<delay us>', optionally 'x<instances>'"
+            f"variant {variant!r}: expected 'direct', 'b<delay us>' optionally with "
+            f"'p<preferred>[-<preferred>...]' (1..{MAX_BATCH}), optionally 'x<instances>'"
         )
     delay = int(m.group(1)) if m.group(1) is not None else None
-    return delay, int(m.group(2) or 1)
+    return delay, int(m.group(3) or 1), preferred
 
 
 def model_config(family: Family, variant: str) -> str:
-    delay, instances = parse_variant(variant)
+    delay, instances, preferred = parse_variant(variant)
     dims = ", ".join(str(d) for d in family.input_shape)
     text = (
         f'name: "{family.name}_{variant}"\n'
@@ -189,7 +197,8 @@ def model_config(family: Family, variant: str) -> str:
         f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
     )
     if delay is not None:
-        text += f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}\n"
+        sizes = f" preferred_batch_size: {preferred}" if preferred else ""
+        text += f"dynamic_batching {{ max_queue_delay_microseconds: {delay}{sizes} }}\n"
     return text
 
 
@@ -391,7 +400,7 @@ def print_report(rows: list[Row], args: argparse.Namespace) -> None:
         f"model and level in {args.slice:g}s slices (variants interleaved), {os.cpu_count()} CPUs"
     )
     header = (
-        f"{'model':<6} {'variant':<8} {'conc':>4} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'model':<6} {'variant':<10} {'conc':>4} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'fail':>5} {'batch':>6} {'server ms':>9} {'queue ms':>9} {'infer ms':>9} "
         f"{'vs direct':>9}"
     )
@@ -404,17 +413,17 @@ def print_report(rows: list[Row], args: argparse.Namespace) -> None:
         last = (r.family, r.concurrency)
         vs = f"{r.vs_direct:8.2f}x" if r.vs_direct is not None else f"{'-':>9}"
         print(
-            f"{r.family:<6} {r.variant:<8} {r.concurrency:>4} {r.rps:>7.0f} {r.p50_ms:>8.3f} "
+            f"{r.family:<6} {r.variant:<10} {r.concurrency:>4} {r.rps:>7.0f} {r.p50_ms:>8.3f} "
             f"{r.p99_ms:>8.3f} {r.failures + r.server_failures:>5} {r.mean_batch:>6.1f} "
             f"{r.server_ms:>9.3f} {r.queue_ms:>9.3f} {r.infer_ms:>9.3f} {vs}"
         )
     print()
     print(
-        "variant: direct = no dynamic_batching; b<D> = max_queue_delay_microseconds D; x<N> = "
-        "instance_group count N.\nbatch = inference_count / execution_count; server ms (the "
-        "whole handler), queue ms and infer ms (backend run of the request's batch) = means per "
-        "request\n(ModelStatistics deltas after the warm-up); fail = failed calls seen by "
-        "the clients (+ failures the server counted)."
+        "variant: direct = no dynamic_batching; b<D> = max_queue_delay_microseconds D; p<P> = "
+        "preferred_batch_size P; x<N> = instance_group count N.\nbatch = inference_count / "
+        "execution_count; server ms (the whole handler), queue ms and infer ms (backend run "
+        "of the request's batch) = means per request\n(ModelStatistics deltas after the "
+        "warm-up); fail = failed calls seen by the clients (+ failures the server counted)."
     )
     for family in args.families:
         for c in args.levels:
@@ -462,7 +471,8 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_VARIANTS,
         help=(
             "comma-separated: direct (no dynamic_batching), b<D> (max_queue_delay_microseconds "
-            "D), either with x<N> (instance_group count N)"
+            "D) optionally with p<P>[-<P>...] (preferred_batch_size), either with x<N> "
+            "(instance_group count N)"
         ),
     )
     p.add_argument("--families", default="mlp,cnn", help="model families: mlp, cnn")

@@ -2,12 +2,14 @@
 
 Requests wait in per-priority queues; `instance_count` executors each take a batch, run it on
 a worker thread, and hand each request its slice of the outputs. A batch runs as soon as the
-queue can fill a preferred size (the largest it can) or `max_batch_size`; otherwise once the
-oldest request has waited `max_queue_delay_microseconds` (the event loop's timers round that up
-to whole milliseconds; 0 runs at once). A full queue refuses at once (RESOURCE_EXHAUSTED); a
-request whose timeout (its requested timeout, the queue policy's default, or the caller's
-deadline) expires while queued is dropped before it is computed; a cancelled request is
-skipped.
+requests at the front of the queue add up to a preferred size (the largest they can), when the
+next one would take it past the largest preferred size, `max_batch_size` or to another shape,
+or when it is full; any other batch (one batch-3 request with preferred sizes [2, 6], say)
+waits until the oldest request has waited `max_queue_delay_microseconds` (the event loop's
+timers round that up to whole milliseconds; 0 runs at once), as Triton's dynamic batcher does.
+A full queue refuses at once (RESOURCE_EXHAUSTED); a request whose timeout (its requested
+timeout, the queue policy's default, or the caller's deadline) expires while queued is dropped
+before it is computed; a cancelled request is skipped.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class BatchingSpec:
 
     max_batch_size: int
     preferred: tuple[int, ...]
+    max_preferred: int  # the largest preferred size; max_batch_size when none
     max_delay_ns: int
     levels: int  # priority levels; 1 when priorities are off
     default_level: int  # 1-based
@@ -88,6 +91,7 @@ class BatchingSpec:
         return cls(
             max_batch_size=spec.max_batch_size,
             preferred=preferred,
+            max_preferred=max(preferred, default=spec.max_batch_size),
             max_delay_ns=int(db.max_queue_delay_microseconds) * 1000,
             levels=levels,
             default_level=default_level if db.priority_levels else 1,
@@ -203,76 +207,94 @@ class DynamicBatcher:
                 oldest = q[0].enqueued_ns
         return oldest
 
-    def _target(self, queued: int) -> int:
-        """How many items to run now, or 0 to keep waiting: the largest preferred size the
-        queue can fill, else max_batch_size once the queue holds that many."""
-        s = self.settings
-        if queued >= s.max_batch_size:
-            return s.max_batch_size
-        for size in reversed(s.preferred):
-            if queued >= size:
-                return size
-        return 0
+    def _form(self, oldest: int) -> tuple[list[tuple[int, Pending]], int]:
+        """The batch to run now, as (level, request) pairs from the queue fronts, or nothing
+        and how many ns to wait before looking again.
 
-    def _take(self, target: int) -> list[Pending]:
-        """Pop up to `target` items: highest priority first, same inner shapes."""
+        Requests join in queue order (highest priority first) while the batch stays within
+        max_batch_size and their inner shapes match. It runs at once when it reaches a
+        preferred size (the largest prefix that is one), when the next request would take it
+        past the largest preferred size, past max_batch_size or to another shape, or when it
+        is full; otherwise it waits until the oldest request has waited the maximum delay.
+        Cancelled and expired requests met on the way leave the queue."""
         s = self.settings
         now = _now_ns()
-        taken: list[Pending] = []
+        picked: list[tuple[int, Pending]] = []
         total = 0
-        shapes = None
+        best = 0  # requests in the preferred cut; 0: none found
+        send_now = False
+        shapes: tuple[tuple[int, ...], ...] | None = None
         for level, q in enumerate(self._queues):
-            while q:
-                p = q[0]
+            reject = s.policies[level].reject_on_timeout
+            i = 0
+            while i < len(q):
+                p = q[i]
                 if p.future.done():  # cancelled by its caller
-                    self._queued -= q.popleft().batch
+                    del q[i]
+                    self._queued -= p.batch
                     continue
-                if p.deadline_ns and now >= p.deadline_ns and s.policies[level].reject_on_timeout:
-                    self._queued -= q.popleft().batch
+                if reject and p.deadline_ns and now >= p.deadline_ns:
+                    del q[i]
+                    self._queued -= p.batch
                     p.future.set_exception(
                         Unavailable("request timeout expired while queued; it was not computed")
                     )
                     continue
-                if shapes is None:
+                if picked:
+                    grown = total + p.batch
+                    if grown > s.max_preferred and not best:
+                        best = len(picked)
+                    if grown > s.max_batch_size or p.shapes != shapes:
+                        send_now = True
+                        break
+                else:
                     shapes = p.shapes
-                elif p.shapes != shapes or total + p.batch > target:
-                    return taken
-                self._queued -= q.popleft().batch
-                taken.append(p)
+                picked.append((level, p))
                 total += p.batch
-                if total >= target:
-                    return taken
-        return taken
+                if total in s.preferred:
+                    best = len(picked)
+                i += 1
+            if send_now:
+                break
+        if not picked:
+            return [], 0
+        delay = s.max_delay_ns
+        waited = now - oldest
+        exceeded = delay != 0 and waited >= delay
+        if best and not exceeded:
+            return picked[:best], 0
+        if send_now or total >= s.max_batch_size or exceeded or delay == 0:
+            return picked, 0
+        return [], delay - waited
 
-    async def _wait_for_batch(self) -> int:
-        """Wait until a batch is worth running (full, at a preferred size, or the oldest
-        request has waited the maximum delay) and return how many items to take."""
+    def _take(self, picked: list[tuple[int, Pending]]) -> list[Pending]:
+        """Remove the formed batch from its queues (it is at their fronts, in order)."""
+        for level, p in picked:
+            self._queues[level].popleft()
+            self._queued -= p.batch
+        return [p for _, p in picked]
+
+    async def _next_batch(self) -> list[Pending]:
+        """Wait until a batch is worth running and take it from the queues."""
         while True:
             oldest = self._oldest_enqueued()
-            if oldest is None:
-                self._arrived.clear()
+            if oldest is not None:
+                picked, wait_ns = self._form(oldest)
+                if picked:
+                    return self._take(picked)
+            self._arrived.clear()
+            if oldest is None or not wait_ns:
                 await self._arrived.wait()
                 continue
-            queued = self._queued
-            remaining = oldest + self.settings.max_delay_ns - _now_ns()
-            target = self._target(queued)
-            if target:
-                return target
-            if remaining <= 0:
-                return self.settings.max_batch_size
-            self._arrived.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining / 1e9)
+                await asyncio.wait_for(self._arrived.wait(), wait_ns / 1e9)
 
     async def _executor_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._closed:
             batch: list[Pending] = []
             try:
-                target = await self._wait_for_batch()
-                batch = self._take(target)
-                if not batch:
-                    continue
+                batch = await self._next_batch()
                 started = _now_ns()
                 for p in batch:
                     p.queue_ns = started - p.enqueued_ns
