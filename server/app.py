@@ -258,10 +258,11 @@ async def serve(options: ServerOptions) -> int:
     registry, state, audit = service.registry, service.state, service.audit
 
     async def audit_refusal(method: str, fields: dict[str, str]) -> None:
-        # Refused control calls are audited; refused inference calls only logged, so a flood
-        # of bad decision calls cannot turn into a flood of fsyncs.
+        # Refused control calls are counted into the audit log (one record per caller,
+        # method and reason a window); refused inference calls only logged, so a flood of
+        # bad calls cannot turn into a flood of fsyncs.
         if method.rsplit("/", 1)[-1] in AUDITED_REFUSALS:
-            await audit.record("repository.refused", **fields)
+            audit.tally_refusal(fields)
 
     interceptor = RestrictedProtocolInterceptor(restrictions, audit_refusal)
     grpc_options: list[tuple[str, int]] = [
@@ -346,6 +347,7 @@ async def serve(options: ServerOptions) -> int:
     await server.stop(options.exit_timeout_secs)
     registry.release_all()
     if audit.enabled:
+        await audit.flush()  # counts still in their window
         await audit.record("server.stop")
         audit.close()
     log.info("stopped")

@@ -1,20 +1,29 @@
 """Model-repository control (Triton's repository extension): index, load and unload, with
-every call audited with its caller, whatever front door it came through."""
+every call audited with its caller, whatever front door it came through.
+
+A load or unload is recorded (`repository.load_requested`) before it acts; when that record
+cannot be written the call is refused with UNAVAILABLE and nothing changes, so no model change
+goes unaudited. Calls that change nothing (a read, a call refused before it acts) are counted,
+not written one by one (AuditTrail.tally)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
 
+import grpc
+
+from forseti.core.audit import AuditError
 from forseti.core.errors import (
     FailedPrecondition,
     ForsetiError,
     InvalidArgument,
     ModelLoadError,
     Refused,
-    refusal_message,
+    new_request_id,
+    with_request_id,
 )
-from forseti.server.audit_trail import AuditTrail
+from forseti.server.audit_trail import AuditTrail, peer_address
 from forseti.server.registry.model_registry import IndexItem, ModelRegistry
 from forseti.server.security.restricted import CallerIdentity
 
@@ -22,6 +31,10 @@ log = logging.getLogger(__name__)
 
 _OK = "OK"
 _INTERNAL = "INTERNAL"
+AUDIT_UNAVAILABLE = (
+    "the audit log cannot be written, so this call, which changes the models being served, "
+    "is refused and nothing was changed; retry once the server's audit log is fixed"
+)
 
 
 class ModelControl:
@@ -59,13 +72,48 @@ class ModelControl:
             message=message,
         )
 
+    async def _record_before_change(
+        self, event: str, caller: CallerIdentity, **what: object
+    ) -> None:
+        """Like _record, but raises AuditError when the record cannot be written."""
+        if not self.audit.enabled:
+            return
+        if self.unauthenticated:
+            what["unauthenticated_control"] = True
+        await self.audit.record_before_change(
+            event,
+            peer=caller.peer,
+            tls_subject=caller.tls_subject,
+            token_group=caller.token_group,
+            **what,
+        )
+
+    def _tally(
+        self, event: str, caller: CallerIdentity, request_id: str | None, **key: str
+    ) -> None:
+        """Count a call that changed nothing, with others from the same address, identity,
+        method and reason (one record per window, see AuditTrail.tally)."""
+        marks: dict[str, bool] = {"unauthenticated_control": True} if self.unauthenticated else {}
+        self.audit.tally(
+            event,
+            request_id,
+            peer=peer_address(caller.peer),
+            tls_subject=caller.tls_subject,
+            token_group=caller.token_group,
+            **key,
+            **marks,
+        )
+
     async def index(self, ready_only: bool, caller: CallerIdentity) -> list[IndexItem]:
+        """The repository's models. A read changes nothing, so it is counted (one
+        `repository.index` record per caller and window), not audited one by one: a client
+        polling the index must not cost an fsync per call."""
         try:
             items = list(self.registry.index(ready_only))
         except Exception:
             await self._record("repository.index", caller, _INTERNAL, ready=ready_only)
             raise
-        await self._record("repository.index", caller, _OK, ready=ready_only, models=len(items))
+        self._tally("repository.index", caller, None, rpc="RepositoryIndex")
         return items
 
     def _check_explicit(self) -> None:
@@ -78,28 +126,31 @@ class ModelControl:
     async def load(self, model: str, has_parameters: bool, caller: CallerIdentity) -> None:
         """Load (or reload) `model`; raises Refused with the reason, already audited."""
 
-        async def run() -> None:
+        def check() -> None:
             self._check_explicit()
             if has_parameters:
                 raise InvalidArgument(
                     "load parameters (config override, file content) are not supported; "
                     "publish a version folder instead"
                 )
+
+        async def run() -> None:
             try:
                 await self.registry.load_model(model)
             except ModelLoadError as exc:
                 raise InvalidArgument(f"failed to load '{model}': {exc.reason}") from None
 
-        await self._control("repository.load", "RepositoryModelLoad", model, caller, run)
+        await self._control("repository.load", "RepositoryModelLoad", model, caller, check, run)
 
     async def unload(self, model: str, caller: CallerIdentity) -> None:
         """Unload `model`; raises Refused with the reason, already audited."""
 
         async def run() -> None:
-            self._check_explicit()
             await self.registry.unload_model(model)
 
-        await self._control("repository.unload", "RepositoryModelUnload", model, caller, run)
+        await self._control(
+            "repository.unload", "RepositoryModelUnload", model, caller, self._check_explicit, run
+        )
 
     async def _control(
         self,
@@ -107,16 +158,52 @@ class ModelControl:
         rpc: str,
         model: str,
         caller: CallerIdentity,
+        check: Callable[[], None],
         run: Callable[[], Awaitable[None]],
     ) -> None:
+        """Run a call that changes models: `check` refuses it before anything happens (counted
+        as `repository.rejected`); otherwise `<event>_requested` is written first (refused with
+        UNAVAILABLE if it cannot be), then `run` acts and `<event>` records the outcome."""
         shown_model = model[:256]
+        request_id = new_request_id()
+        try:
+            check()
+        except ForsetiError as exc:
+            message = self._refused(rpc, exc, request_id)
+            self._tally("repository.rejected", caller, request_id, rpc=rpc, reason=exc.message)
+            raise Refused(message, exc.code) from None
+        try:
+            await self._record_before_change(
+                f"{event}_requested", caller, model=shown_model, request_id=request_id
+            )
+        except AuditError:
+            message = self._refused(
+                rpc, ForsetiError(AUDIT_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE), request_id
+            )
+            raise Refused(message, grpc.StatusCode.UNAVAILABLE) from None
         try:
             await run()
         except ForsetiError as exc:
-            message = refusal_message(rpc, exc)
-            await self._record(event, caller, exc.code.name, message, model=shown_model)
+            message = self._refused(rpc, exc, request_id)
+            await self._record(
+                event, caller, exc.code.name, message, model=shown_model, request_id=request_id
+            )
             raise Refused(message, exc.code) from None
         except Exception:
-            await self._record(event, caller, _INTERNAL, model=shown_model)
+            await self._record(event, caller, _INTERNAL, model=shown_model, request_id=request_id)
             raise
-        await self._record(event, caller, _OK, model=shown_model)
+        await self._record(event, caller, _OK, model=shown_model, request_id=request_id)
+
+    @staticmethod
+    def _refused(rpc: str, exc: ForsetiError, request_id: str) -> str:
+        """Log a refusal under `request_id`; the message for the client, carrying the id."""
+        log.info(
+            "request refused",
+            extra={
+                "rpc": rpc,
+                "code": exc.code.name,
+                "reason": exc.message,
+                "request_id": request_id,
+            },
+        )
+        return with_request_id(exc.message, request_id)

@@ -420,14 +420,23 @@ def test_every_control_call_leaves_a_line_and_inference_leaves_none(
     docs = records(audit_path)
     events = [d["event"] for d in docs]
     assert events[0] == OPEN_EVENT and events[-1] == "server.stop"
-    calls = [d["fields"] for d in docs if d["event"].startswith("repository.")]
-    assert [(d.get("model", ""), d["result"]) for d in calls] == [
-        ("policy", "OK"),
-        ("damaged", "INVALID_ARGUMENT"),
-        ("", "OK"),
-        ("policy", "OK"),
+    calls = [d for d in docs if d["event"].startswith("repository.")]
+    # A load or unload: its request before it acts, its outcome after, one request id. The
+    # index read is counted (one record at shutdown), not written per call.
+    assert [
+        (d["event"], d["fields"].get("model", ""), d["fields"].get("result")) for d in calls
+    ] == [
+        ("repository.load_requested", "policy", None),
+        ("repository.load", "policy", "OK"),
+        ("repository.load_requested", "damaged", None),
+        ("repository.load", "damaged", "INVALID_ARGUMENT"),
+        ("repository.unload_requested", "policy", None),
+        ("repository.unload", "policy", "OK"),
+        ("repository.index", "", None),
     ]
-    assert all(d["peer"].startswith("ipv4:127.0.0.1:") for d in calls)
+    assert calls[0]["fields"]["request_id"] == calls[1]["fields"]["request_id"]
+    assert calls[-1]["fields"]["count"] == 1
+    assert all(d["fields"]["peer"].startswith("ipv4:127.0.0.1:") for d in calls[:-1])
 
     by_event = {d["event"]: d["fields"] for d in docs}
     policy_sha = (audited_repo / "policy" / "1" / "model.onnx.sealed").read_bytes()
@@ -475,9 +484,9 @@ def test_a_refused_control_call_is_audited_without_its_token(
 
     docs = records(audit_path)
     refused = [d["fields"] for d in docs if d["event"] == "repository.refused"]
-    assert [(d["rpc"], d["reason"]) for d in refused] == [
-        ("RepositoryModelLoad", "missing header"),
-        ("RepositoryModelLoad", "token not accepted"),
+    assert [(d["rpc"], d["reason"], d["count"]) for d in refused] == [
+        ("RepositoryModelLoad", "missing header", 1),
+        ("RepositoryModelLoad", "token not accepted", 1),
     ]
     loaded = [d["fields"] for d in docs if d["event"] == "repository.load"]
     assert loaded and loaded[0]["token_group"]

@@ -159,7 +159,9 @@ def test_opt_out_starts_warns_and_marks_every_control_audit_record(
     records = _audit_lines(audit)
     control = [r for r in records if r["event"].startswith("repository.")]
     assert {r["event"] for r in control} == {
+        "repository.load_requested",
         "repository.load",
+        "repository.unload_requested",
         "repository.unload",
         "repository.index",
     }
