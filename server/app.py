@@ -20,6 +20,7 @@ from forseti.core.sealing.keyring import (
     load_keyring,
 )
 from forseti.server.audit_trail import AuditTrail
+from forseti.server.health import ServingHealth
 from forseti.server.inference import InferenceHandler
 from forseti.server.metrics import start_metrics_server
 from forseti.server.model_control import ModelControl
@@ -70,6 +71,9 @@ class ServerOptions:
     max_concurrent_rpcs: int = 4096  # 0: no limit
     max_streams_per_connection: int = 256  # 0: gRPC's default
     exit_timeout_secs: float = 30.0
+    # On a stop signal: health NOT_SERVING and ServerReady false at once, every call still
+    # answered for this long (load balancers and Kubernetes endpoints catch up), then stop.
+    drain_secs: float = 5.0
     grpc_tls: GrpcTlsOptions = field(default_factory=GrpcTlsOptions)
     restricted_protocols: list[str] = field(default_factory=list)  # Triton's settings, in order
     metrics_ssl_cert: Path | None = None
@@ -150,6 +154,7 @@ class Service:
     watcher: RepositoryWatcher
     audit: AuditTrail
     state: ServerState
+    health: ServingHealth
 
     def servicer(self) -> TritonServicer:
         """The gRPC front door over these parts."""
@@ -173,6 +178,7 @@ def assemble(
     trail = AuditTrail(audit)
     hooks = LifecycleHooks()
     hooks.subscribe(trail)
+    state = ServerState(strict_readiness=strict_readiness, control_mode=control_mode)
     registry = ModelRegistry(
         repository,
         keyring,
@@ -181,6 +187,8 @@ def assemble(
         hooks=hooks,
         max_artifact_bytes=max_artifact_bytes,
     )
+    health = ServingHealth(registry, state)
+    hooks.subscribe(health)
     return Service(
         registry=registry,
         handler=InferenceHandler(registry, max_inflight),
@@ -189,7 +197,8 @@ def assemble(
         ),
         watcher=RepositoryWatcher(registry),
         audit=trail,
-        state=ServerState(strict_readiness=strict_readiness, control_mode=control_mode),
+        state=state,
+        health=health,
     )
 
 
@@ -283,6 +292,8 @@ async def serve(options: ServerOptions) -> int:
         maximum_concurrent_rpcs=options.max_concurrent_rpcs or None,
     )
     add_servicer(service.servicer(), server)
+    service.health.add_to(server)
+    await service.health.refresh()  # NOT_SERVING until the start-up load is done
     address = f"{options.grpc_address}:{options.grpc_port}"
     try:
         if credentials is None:
@@ -312,6 +323,7 @@ async def serve(options: ServerOptions) -> int:
 
     await initial_load(service, options.load_models)
     state.started = True
+    await service.health.refresh()
     unauthenticated: dict[str, object] = {"unauthenticated_control": True} if exposed else {}
     await audit.record(
         "server.ready",
@@ -337,8 +349,16 @@ async def serve(options: ServerOptions) -> int:
     token_watch = asyncio.create_task(restrictions.watch_files())
 
     await stop.wait()
-    log.info("stopping: finishing running requests", extra={"grace_s": options.exit_timeout_secs})
     state.stopping = True
+    await service.health.drain()
+    if options.drain_secs > 0:
+        # Still answering every call; a second stop signal ends the drain early.
+        log.info("draining: NOT_SERVING, still answering", extra={"drain_s": options.drain_secs})
+        stop.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), options.drain_secs)
+    log.info("stopping: finishing running requests", extra={"grace_s": options.exit_timeout_secs})
+    service.health.close()
     for task in (poller, token_watch):
         if task is not None:
             task.cancel()

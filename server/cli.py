@@ -123,7 +123,20 @@ def serve_parser() -> argparse.ArgumentParser:
         default=256,
         help="HTTP/2 streams one client connection may hold open at once (0: gRPC's default)",
     )
-    p.add_argument("--exit-timeout-secs", type=float, default=30.0, help="drain time on stop")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        help="on SIGTERM/SIGINT: report NOT_SERVING (grpc.health.v1) and not ready at once, "
+        "keep answering every call this long so load balancers stop sending, then stop; a "
+        "second signal ends the drain early",
+    )
+    p.add_argument(
+        "--exit-timeout-secs",
+        type=float,
+        default=30.0,
+        help="after the drain, how long running requests may take to finish",
+    )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -213,6 +226,7 @@ def main_serve(argv: list[str]) -> int:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_streams_per_connection=args.max_streams_per_connection,
         exit_timeout_secs=args.exit_timeout_secs,
+        drain_secs=args.drain_seconds,
         grpc_tls=GrpcTlsOptions(
             use_ssl=args.grpc_use_ssl,
             use_ssl_mutual=args.grpc_use_ssl_mutual,

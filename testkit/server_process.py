@@ -69,6 +69,10 @@ class ServerProcess:
             str(self.grpc_port),
             "--metrics-port",
             str(self.metrics_port),
+            # No drain unless a test asks for one (extra_args come later and win): a stop
+            # would otherwise wait the default drain in every test.
+            "--drain-seconds",
+            "0",
             *self.extra_args,
         ]
         if self.keyring is not None:

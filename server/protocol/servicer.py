@@ -44,12 +44,27 @@ EXTENSIONS = [
 
 @dataclass
 class ServerState:
-    """What ServerReady reports on top of model readiness."""
+    """What ServerReady (and the health service's overall status) reports on top of model
+    readiness."""
 
     started: bool = False
     stopping: bool = False
     strict_readiness: bool = True
     control_mode: str = "none"
+    # Strict readiness was met once: a model added later (a poll finding a new folder, an
+    # explicit load) is not ready while it loads, but the replica serves the others and
+    # stays ready, so a fleet does not lose every endpoint at once while a model loads.
+    became_ready: bool = False
+
+    def is_ready(self, registry: ModelRegistry) -> bool:
+        """Ready to take traffic: started, not stopping, and (strict readiness) every model
+        meant to be served had a ready version."""
+        if not self.started or self.stopping:
+            return False
+        if not self.strict_readiness or self.became_ready:
+            return True
+        self.became_ready = registry.ready()
+        return self.became_ready
 
 
 async def _abort_internal(context: Context, what: str) -> None:
@@ -120,10 +135,7 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        ready = self.state.started and not self.state.stopping
-        if ready and self.state.strict_readiness:
-            ready = self.registry.ready()
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.state.is_ready(self.registry))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
