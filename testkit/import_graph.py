@@ -39,6 +39,7 @@ PARTS = {
     "exporters": ("forseti.exporters",),
     "trainer_sidecar": ("forseti.trainer_sidecar",),
     "loadtests": ("forseti.loadtests",),
+    "client": ("forseti.client",),
     "core": ("forseti.core", "forseti"),  # after the others: `forseti` is the core's root
     "tests": ("tests",),
     "testkit": ("testkit",),
