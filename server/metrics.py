@@ -14,11 +14,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
 from forseti.server.security.tls import is_loopback
 from forseti.server.stats import LATENCY_BUCKETS_S
@@ -28,8 +34,19 @@ log = logging.getLogger(__name__)
 _LABELS = ["model", "version"]
 
 
+def pending_requests(lv: LoadedVersion) -> int:
+    """Requests routed to a version that have not started executing (Triton's pending request
+    count): a queueing scheduler counts its queues; for the others (inline, threaded), the
+    requests in flight beyond one per model instance."""
+    counter = getattr(lv.scheduler, "pending_requests", None)
+    if counter is not None:
+        return int(counter())
+    return max(0, lv.inflight - lv.backend.instance_count)
+
+
 class TritonMetricsCollector(Collector):
-    """Triton's nv_inference_* counters plus a request latency histogram."""
+    """Triton's nv_inference_* counters and pending request count, a request latency
+    histogram, and the version each model serves on this replica."""
 
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
@@ -78,6 +95,17 @@ class TritonMetricsCollector(Collector):
                 labels=_LABELS,
             ),
         }
+        pending = GaugeMetricFamily(
+            "nv_inference_pending_request_count",
+            "Instantaneous number of pending requests awaiting execution per-model.",
+            labels=_LABELS,
+        )
+        serving = GaugeMetricFamily(
+            "forseti_model_serving_version",
+            "The version a request naming no version gets on this replica (the newest ready one)",
+            labels=["model"],
+        )
+        newest: dict[str, int] = {}
         histogram = HistogramMetricFamily(
             "forseti_inference_request_duration_seconds",
             "Latency of successful inference requests inside the server",
@@ -97,6 +125,8 @@ class TritonMetricsCollector(Collector):
             families["input"].add_metric(labels, s.compute_input.ns // 1000)
             families["infer"].add_metric(labels, s.compute_infer.ns // 1000)
             families["output"].add_metric(labels, s.compute_output.ns // 1000)
+            pending.add_metric(labels, pending_requests(lv))
+            newest[lv.model] = max(lv.version, newest.get(lv.model, lv.version))
             cumulative = 0
             buckets: list[tuple[str, float]] = []
             counts = list(s.latency_buckets)
@@ -106,7 +136,11 @@ class TritonMetricsCollector(Collector):
             cumulative += counts[-1]
             buckets.append(("+Inf", cumulative))
             histogram.add_metric(labels, buckets, s.latency_sum_ns / 1e9)
+        for model, version in sorted(newest.items()):
+            serving.add_metric([model], version)
         yield from families.values()
+        yield pending
+        yield serving
         yield histogram
 
 
