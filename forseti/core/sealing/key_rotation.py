@@ -7,6 +7,8 @@ only once no sealed file under the given folders names it).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -17,6 +19,10 @@ from .keyring import Key, Keyring, KeyringError
 from .sealed import MAGIC, SEALED_SUFFIX, SealError, parse_header
 
 logger = logging.getLogger(__name__)
+
+# `forseti keys rotate|retire` hold an exclusive flock on this file beside the keyring while
+# they read and rewrite it (the keyring itself is replaced by rename, so it cannot hold one).
+LOCK_SUFFIX = ".lock"
 
 # Every seal format's header fits: magic, format byte, id length, a 255-byte id, 12 bytes.
 _HEADER_READ = len(MAGIC) + 2 + 255 + 12
@@ -59,6 +65,42 @@ class KeyInUseError(KeyringError):
     """A key cannot be retired: sealed files still need it, or their keys are unknown."""
 
 
+class KeyringLockedError(KeyringError):
+    """Another keys command holds the keyring's lock."""
+
+
+def lock_path(keyring_path: Path) -> Path:
+    """The lock file of a keyring: ``keyring.json`` -> ``keyring.json.lock`` beside it."""
+    return keyring_path.with_name(keyring_path.name + LOCK_SUFFIX)
+
+
+@contextlib.contextmanager
+def keyring_lock(keyring_path: Path) -> Iterator[None]:
+    """Hold the keyring's exclusive lock, or raise KeyringLockedError at once.
+
+    Two rotations at once would each add a key to the file they read and the second rename
+    would drop the first one's key (which may already have sealed artifacts); a retire racing
+    a rotation could likewise write back a keyring without the new key. Not waiting: the
+    other command may be an operator's, and the message says what to do. The lock file is
+    left in place (removing it would let a third command lock a different file)."""
+    path = lock_path(Path(keyring_path))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise KeyringError(f"cannot open the keyring's lock file {path}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KeyringLockedError(
+                f"another keys command holds the lock on keyring {keyring_path} ({path}); "
+                "let it finish, then run this again; the keyring was not changed"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def read_header_key(path: Path) -> tuple[str, int]:
     """(key id, format version) from a sealed file's header, reading only the header."""
     with open(path, "rb") as fh:
@@ -77,6 +119,40 @@ def _walk_sealed(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
+def _served_sealed(root: Path) -> Iterator[Path]:
+    """The sealed files in ``root`` as a server of that repository reads them, through the
+    repository layout's own listing: model folders and version folders may be symlinks, which
+    the server follows and ``os.walk`` does not. Only folders with a model config count as
+    models (the server reads no version of a model without one), so a checkpoint folder given
+    as a root adds nothing here and no warnings about its sub-folders."""
+    # Imported here: the repository layout imports the seal format from this package.
+    from forseti.core.repository.config import CONFIG_FILENAME
+    from forseti.core.repository.layout import list_models, version_dirs
+
+    for model in list_models(root):
+        if not (root / model / CONFIG_FILENAME).is_file():
+            continue
+        for _, version_dir in sorted(version_dirs(root / model).items()):
+            try:
+                names = sorted(os.listdir(version_dir))
+            except OSError:
+                continue
+            for name in names:
+                if name.endswith(SEALED_SUFFIX) and (version_dir / name).is_file():
+                    yield version_dir / name
+
+
+def _sealed_files(root: Path) -> Iterator[Path]:
+    """Every sealed file under ``root`` (recursively) and every one a server of ``root`` reads,
+    each once (by its real path)."""
+    seen: set[str] = set()
+    for path in (*_walk_sealed(root), *_served_sealed(root)):
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            yield path
+
+
 def scan_key_usage(roots: Iterable[Path]) -> KeyUsage:
     """Read the header of every sealed file under each folder in ``roots``."""
     usage = KeyUsage()
@@ -85,7 +161,7 @@ def scan_key_usage(roots: Iterable[Path]) -> KeyUsage:
         if not root.is_dir():
             usage.unreadable.append(f"{root}: not a folder")
             continue
-        for path in _walk_sealed(root):
+        for path in _sealed_files(root):
             try:
                 key_id, fmt = read_header_key(path)
             except FileNotFoundError:
@@ -101,10 +177,12 @@ def scan_key_usage(roots: Iterable[Path]) -> KeyUsage:
 
 
 def rotate_keyring(path: Path) -> Key:
-    """Add a fresh key to the keyring file at ``path``; it becomes the key that seals."""
-    ring = Keyring.load(path)
-    key = ring.add_new_key()
-    ring.save(path)
+    """Add a fresh key to the keyring file at ``path``; it becomes the key that seals.
+    Holds the keyring's lock (KeyringLockedError when another keys command has it)."""
+    with keyring_lock(path):
+        ring = Keyring.load(path)
+        key = ring.add_new_key()
+        ring.save(path)
     logger.info("key added", extra={"keyring": str(path), "key_id": key.key_id})
     return key
 
@@ -113,8 +191,14 @@ def retire_key(path: Path, key_id: str, roots: Iterable[Path]) -> Keyring:
     """Remove ``key_id`` from the keyring file at ``path``, refusing while it is needed.
 
     Raises KeyInUseError when a sealed file under ``roots`` names the key (or a file's key
-    cannot be read), KeyringError when the key is unknown or is the newest.
+    cannot be read), KeyringError when the key is unknown or is the newest,
+    KeyringLockedError when another keys command holds the keyring's lock.
     """
+    with keyring_lock(path):
+        return _retire_locked(path, key_id, roots)
+
+
+def _retire_locked(path: Path, key_id: str, roots: Iterable[Path]) -> Keyring:
     ring = Keyring.load(path)
     if key_id not in ring:
         raise KeyringError(
