@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test typecheck lint bench clean
+.PHONY: demo test typecheck lint bench clean native native-deps
 
 $(VENV)/.installed-dev: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,21 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.bench_latency
+
+# The native data plane (`forseti serve --data-plane native|auto`, docs/native.md): Debian's
+# gRPC C++ and protobuf, pybind11 from PyPI; the extension is built in build/native and copied
+# into the virtual environment. Optional: without it every data plane falls back to Python.
+NATIVE_SO = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])' 2>/dev/null)
+native-deps:
+	apt-get install -y -q libgrpc++-dev libprotobuf-dev protobuf-compiler cmake g++ pkg-config
+
+native: $(VENV)/.installed-dev
+	$(PIP) install -q -e '.[native]'
+	cmake -S native -B build/native -DPython_EXECUTABLE=$(abspath $(PY)) \
+		-Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) $(NATIVE_CMAKE_ARGS)
+	cmake --build build/native -j$${NATIVE_JOBS:-2}
+	cp build/native/forseti_native*.so $(NATIVE_SO)/
+	$(PY) -c 'import forseti_native; print("native data plane built:", forseti_native.__file__)'
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

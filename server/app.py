@@ -8,6 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
 
@@ -19,7 +20,9 @@ from forseti.core.sealing.keyring import (
     keyring_from_environment,
     load_keyring,
 )
+from forseti.core.storage import is_remote
 from forseti.server.audit_trail import AuditTrail
+from forseti.server.dataplane import DEFAULT_DATA_PLANE, DataPlaneError, use_native
 from forseti.server.health import ServingHealth
 from forseti.server.inference import InferenceHandler
 from forseti.server.metrics import start_metrics_server
@@ -51,7 +54,7 @@ CONTROL_MODES = ("none", "poll", "explicit")
 class ServerOptions:
     """Everything `forseti serve` can be told."""
 
-    model_repository: Path
+    model_repository: Path | str  # a folder, or an object-store URL (s3://...)
     keyring: Path | None = None
     audit_log: Path | None = None
     grpc_address: str = "0.0.0.0"
@@ -81,6 +84,8 @@ class ServerOptions:
     # Serve model control (explicit mode) on a non-loopback address with neither a
     # model-repository token nor mutual TLS; refused at start without it.
     allow_unauthenticated_control: bool = False
+    # Which data plane owns the gRPC port: "python", "native" or "auto" (server/dataplane).
+    data_plane: str = DEFAULT_DATA_PLANE
 
 
 AUDITED_REFUSALS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload", "RepositoryIndex"})
@@ -118,6 +123,16 @@ def control_exposure_fixes() -> str:
         "--grpc-root-cert <ca-pem>), or bind to loopback (--grpc-address 127.0.0.1); "
         "--allow-unauthenticated-control accepts the risk and serves it anyway"
     )
+
+
+def _repository_location(location: Path | str) -> Path | str:
+    """The folder (resolved, checked) or the object-store URL as given."""
+    if is_remote(location):
+        return str(location)
+    folder = Path(location)
+    if not folder.is_dir():
+        raise StartupError(f"model repository {folder} is not a folder")
+    return folder.resolve()
 
 
 def _open_keyring(options: ServerOptions) -> Keyring | None:
@@ -162,7 +177,7 @@ class Service:
 
 
 def assemble(
-    repository: Path,
+    repository: Path | str,
     keyring: Keyring | None,
     *,
     allow_plaintext: bool = False,
@@ -222,8 +237,13 @@ async def serve(options: ServerOptions) -> int:
     """Run the server until a stop signal; returns the process exit code."""
     if options.control_mode not in CONTROL_MODES:
         raise StartupError(f"--model-control-mode must be one of {', '.join(CONTROL_MODES)}")
-    if not options.model_repository.is_dir():
-        raise StartupError(f"model repository {options.model_repository} is not a folder")
+    repository = _repository_location(options.model_repository)
+    if options.allow_plaintext:
+        log.warning(
+            "--allow-plaintext: models without a sealed manifest are served as Triton serves "
+            "them; their config.pbtxt and version folders are not authenticated, so whoever "
+            "can write the repository decides what they serve"
+        )
     try:
         credentials = grpc_server_credentials(options.grpc_tls)
         restrictions = RestrictedProtocols.from_settings(options.restricted_protocols)
@@ -253,7 +273,7 @@ async def serve(options: ServerOptions) -> int:
         )
     keyring = _open_keyring(options)
     service = assemble(
-        options.model_repository.resolve(),
+        repository,
         keyring,
         allow_plaintext=options.allow_plaintext,
         max_batch_size=options.max_batch_size,
@@ -283,14 +303,36 @@ async def serve(options: ServerOptions) -> int:
     if options.max_streams_per_connection:
         # One client cannot hold more streams than this open on its connection.
         grpc_options.append(("grpc.max_concurrent_streams", options.max_streams_per_connection))
-    server = grpc.aio.server(
-        # No restriction, no interceptor: the request path stays as it was.
-        interceptors=[interceptor] if restrictions else None,
-        options=grpc_options,
-        # Bounds the calls (and their memory) open at once, whatever they are; the in-flight
-        # limit above bounds inference alone, with the server's own message.
-        maximum_concurrent_rpcs=options.max_concurrent_rpcs or None,
-    )
+    try:
+        native = use_native(options.data_plane)
+    except DataPlaneError as exc:
+        raise StartupError(str(exc)) from None
+    if native:
+        from forseti.server.dataplane.native import NativeGrpcServer
+
+        # The same interface as grpc.aio.Server for what follows (see server/dataplane).
+        server = cast(
+            grpc.aio.Server,
+            NativeGrpcServer(
+                registry,
+                interceptors=[interceptor] if restrictions else [],
+                restricted_methods=list(restrictions.by_method),
+                max_request_bytes=options.max_request_bytes,
+                max_streams_per_connection=options.max_streams_per_connection,
+                max_concurrent_rpcs=options.max_concurrent_rpcs,
+                max_inflight=options.max_inflight_requests,
+                tls=options.grpc_tls,
+            ),
+        )
+    else:
+        server = grpc.aio.server(
+            # No restriction, no interceptor: the request path stays as it was.
+            interceptors=[interceptor] if restrictions else None,
+            options=grpc_options,
+            # Bounds the calls (and their memory) open at once, whatever they are; the
+            # in-flight limit above bounds inference alone, with the server's own message.
+            maximum_concurrent_rpcs=options.max_concurrent_rpcs or None,
+        )
     add_servicer(service.servicer(), server)
     service.health.add_to(server)
     await service.health.refresh()  # NOT_SERVING until the start-up load is done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -178,6 +179,15 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
         "setup is refused. Logged as a warning, and on every control call's audit record",
     )
     p.add_argument(
+        "--data-plane",
+        choices=("python", "native", "auto"),
+        default=os.environ.get("FORSETI_DATA_PLANE", "python"),
+        help="what answers the gRPC port: the Python data plane (default), the native C++ "
+        "one (`make native` builds it; ModelInfer for onnxruntime models runs in C++, "
+        "everything else in Python), or auto: native when it is built, else python; "
+        "$FORSETI_DATA_PLANE sets the default",
+    )
+    p.add_argument(
         "--grpc-restricted-protocol",
         action="append",
         default=[],
@@ -236,6 +246,7 @@ def main_serve(argv: list[str]) -> int:
         ),
         restricted_protocols=args.grpc_restricted_protocol,
         allow_unauthenticated_control=args.allow_unauthenticated_control,
+        data_plane=args.data_plane,
         metrics_ssl_cert=args.metrics_ssl_cert,
         metrics_ssl_key=args.metrics_ssl_key,
     )
