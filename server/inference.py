@@ -13,7 +13,13 @@ from tritonclient.grpc import service_pb2 as pb
 
 from forseti.core.errors import ResourceExhausted
 from forseti.server.protocol.request_options import CallDeadline, request_options
-from forseti.server.protocol.tensors import ResponseEncoder, decode_inputs, requested_outputs
+from forseti.server.protocol.tensors import (
+    ResponseEncoder,
+    classifications,
+    classify,
+    decode_inputs,
+    requested_outputs,
+)
 from forseti.server.registry.lifecycle import LifecycleEvent, VersionReleased
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
@@ -53,6 +59,8 @@ class InferenceHandler:
             spec = lv.spec
             feeds, batch = decode_inputs(request, spec)
             names = requested_outputs(request, spec, lv.output_names)
+            # Triton's classification extension: only a request naming outputs can ask.
+            classes = classifications(request) if request.outputs else None
             scheduler = lv.scheduler
             options = request_options(request, context) if scheduler.takes_options else NO_OPTIONS
             decoded = _now_ns()
@@ -61,7 +69,11 @@ class InferenceHandler:
             encoder = self._encoders.get(lv)
             if encoder is None:
                 encoder = self._encoders[lv] = ResponseEncoder(lv.model, lv.version_str)
-            response = encoder.encode(request.id, names, done.outputs)
+            if classes:
+                outputs = classify(names, done.outputs, classes, spec)
+                response = encoder.encode(request.id, names, outputs, retyped=True)
+            else:
+                response = encoder.encode(request.id, names, done.outputs)
             end = _now_ns()
         except BaseException:
             stats.record_failure(_now_ns() - start)

@@ -52,9 +52,9 @@ def test_unknown_platform_is_refused_naming_the_choices() -> None:
         model_spec(parse_config_text(text, "policy"), "policy")
 
 
-def test_string_tensors_are_refused() -> None:
-    text = POLICY_CONFIG.replace("TYPE_FP32", "TYPE_STRING", 1)
-    with pytest.raises(ModelLoadError, match="unsupported data_type TYPE_STRING"):
+def test_unsupported_tensor_types_are_refused() -> None:
+    text = POLICY_CONFIG.replace("TYPE_FP32", "TYPE_BF16", 1)
+    with pytest.raises(ModelLoadError, match="unsupported data_type TYPE_BF16"):
         model_spec(parse_config_text(text, "policy"), "policy")
 
 

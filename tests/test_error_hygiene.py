@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import seal_bytes
 from forseti.server.protocol.registration import add_servicer
 from testkit.model_builders import (
+    ALL_TYPES,
     OBS_DIM,
     POLICY_CONFIG,
+    authenticate_model,
     build_repository,
     policy_onnx,
     publish_sealed,
@@ -38,6 +41,21 @@ REQUEST_ID = re.compile(r"\((?:request|error) id ([0-9a-f]{12})")
 
 def _config(name: str) -> str:
     return POLICY_CONFIG.replace('name: "policy"', f'name: "{name}"')
+
+
+GGUF_KEY = "hunter2.private_note"
+
+
+def _gguf_with_a_duplicate_key() -> bytes:
+    """A GGUF header that passes Forseti's structure walk and makes gguf.GGUFReader raise
+    KeyError("Duplicate hunter2.private_note already in list at offset ...")."""
+
+    def kv_string(key: str, value: str) -> bytes:
+        k, v = key.encode(), value.encode()
+        return struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(v)) + v
+
+    head = struct.pack("<IIQQ", 0x46554747, 3, 0, 2)
+    return head + kv_string(GGUF_KEY, "a") + kv_string(GGUF_KEY, "b")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +76,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring, keyring_pa
 
     stranger = Keyring.generate()
     write_config(repo, "wrong_key", _config("wrong_key"))
-    publish_sealed(repo, "wrong_key", policy_onnx(1), stranger, version=1)
+    publish_sealed(repo, "wrong_key", policy_onnx(1), stranger, version=1, manifest_keyring=keyring)
 
     write_config(repo, "not_a_model", _config("not_a_model"))
     (repo / "not_a_model" / "1").mkdir()
@@ -71,6 +89,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory, keyring: Keyring, keyring_pa
             filename="model.onnx",
         )
     )
+    authenticate_model(repo, "not_a_model", keyring)
+    # A GGUF file the gguf library itself refuses, with a text that quotes a key of the file.
+    write_config(repo, "bad_gguf", _config("bad_gguf").replace('"onnxruntime"', '"gguf"'))
+    (repo / "bad_gguf" / "1").mkdir()
+    (repo / "bad_gguf" / "1" / "model.gguf.sealed").write_bytes(
+        seal_bytes(_gguf_with_a_duplicate_key(), keyring, model="bad_gguf", version=1,
+                   filename="model.gguf")
+    )  # fmt: skip
+    authenticate_model(repo, "bad_gguf", keyring)
     server = ServerProcess(
         repo,
         keyring_path,
@@ -159,6 +186,12 @@ def test_out_of_range_typed_contents_name_no_value(server: ServerProcess, setup)
     request = pb.ModelInferRequest(model_name="all_types")
     tensor = request.inputs.add(name="IN_INT8", datatype="INT8", shape=[1, 3])
     tensor.contents.int_contents.extend([MARKER_INT] * 3)
+    # The other inputs, so that the request passes the input count and reaches IN_INT8's
+    # values (no typed field carries FP16: it comes last, after the refusal).
+    for name, _, _ in ALL_TYPES:
+        if name not in ("INT8", "FP16"):
+            request.inputs.add(name=f"IN_{name}", datatype=name, shape=[1, 3])
+    request.inputs.add(name="IN_FP16", datatype="FP16", shape=[1, 3])
     with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as refused:
         pbg.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     message = refused.value.details()
@@ -237,6 +270,26 @@ def test_library_error_text_stays_in_the_log_under_an_error_id(client, setup) ->
     # The operator still gets the library's own words (the model's bytes do not parse as ONNX:
     # the external-data check's parser says so before onnxruntime is asked).
     assert "error_type=DecodeError" in line and "onnx.ModelProto" in line
+
+
+def test_gguf_library_error_text_reaches_repository_index_only_as_an_error_id(
+    client, setup
+) -> None:
+    server, secrets = setup
+    with pytest.raises(InferenceServerException):
+        client.load_model("bad_gguf")
+    reason = next(
+        m.reason for m in client.get_model_repository_index().models if m.name == "bad_gguf"
+    )
+    assert "gguf could not parse the file (KeyError; error id" in reason
+    assert "hunter2" not in reason and "Duplicate" not in reason
+    assert_clean(reason, secrets)
+    error_id = re.search(r"error id ([0-9a-f]{12})", reason)
+    assert error_id
+    line = next(
+        line for line in server.log().splitlines() if f"error_id={error_id.group(1)}" in line
+    )
+    assert "error_type=KeyError" in line and GGUF_KEY in line  # the library's words, logged
 
 
 def test_the_server_log_names_the_key_a_refused_artifact_needs(client, setup) -> None:

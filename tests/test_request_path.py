@@ -208,14 +208,14 @@ def test_dynamically_batched_requests_each_get_their_own_rows(repo, keyring) -> 
 
 def test_unknown_model_is_not_found(repo, keyring) -> None:
     exc = refused_infer(repo, keyring, "no_such_model", [obs_input(obs(1))])
-    assert_refused(exc, "NOT_FOUND", "unknown model 'no_such_model'")
+    assert_refused(exc, "NOT_FOUND", "Request for unknown model: 'no_such_model' is not found")
 
 
 @pytest.mark.parametrize(
     ("version", "fragment"),
     [
-        ("7", "model 'policy' has no version 7"),
-        ("latest", "model 'policy' has no version 'latest'"),
+        ("7", "Request for unknown model: 'policy' version 7 is not found"),
+        ("latest", "Request for unknown model: 'policy' version latest is not found"),
     ],
 )
 def test_unknown_version_is_not_found(repo, keyring, version: str, fragment: str) -> None:
@@ -225,14 +225,14 @@ def test_unknown_version_is_not_found(repo, keyring, version: str, fragment: str
 
 def test_model_in_repository_but_not_loaded_is_unavailable(repo, keyring) -> None:
     exc = refused_infer(repo, keyring, "policy_threaded", [obs_input(obs(1))])
-    assert_refused(exc, "UNAVAILABLE", "model 'policy_threaded' is not loaded")
+    assert_refused(exc, "UNAVAILABLE", "Request for unknown model: 'policy_threaded' is not found")
 
 
 @pytest.mark.parametrize(
     ("version", "fragment"),
     [
-        ("", "model 'policy_broken' has no ready version: version 1:"),
-        ("1", "model 'policy_broken' version 1 is not ready (UNAVAILABLE)"),
+        ("", "Request for unknown model: 'policy_broken' has no available versions: version 1:"),
+        ("1", "'policy_broken' version 1 is not at ready state (UNAVAILABLE)"),
     ],
     ids=["latest", "version-1"],
 )
@@ -256,39 +256,58 @@ def test_model_whose_only_version_failed_to_load_is_unavailable(
 
 def test_wrong_input_name_is_invalid_argument(repo, keyring) -> None:
     exc = refused_infer(repo, keyring, "policy", [obs_input(obs(1), name="observation")])
-    assert_refused(exc, "INVALID_ARGUMENT", "unexpected input 'observation' for model 'policy'")
+    assert_refused(
+        exc, "INVALID_ARGUMENT", "unexpected inference input 'observation' for model 'policy'"
+    )
 
 
 def test_missing_input_is_invalid_argument(repo, keyring) -> None:
     only_first = InferInput("INPUT0", [1, 16], "INT32")
     only_first.set_data_from_numpy(np.zeros((1, 16), np.int32))
     exc = refused_infer(repo, keyring, "simple", [only_first])
-    assert_refused(exc, "INVALID_ARGUMENT", "request is missing ['INPUT1']")
+    assert_refused(
+        exc,
+        "INVALID_ARGUMENT",
+        "expected 2 inputs but got 1 inputs for model 'simple'. Got input(s) ['INPUT0'], "
+        "but missing required input(s) ['INPUT1']. Please provide all required input(s).",
+    )
 
 
 def test_wrong_datatype_is_invalid_argument(repo, keyring) -> None:
     x = obs(1).astype(np.float64)
     exc = refused_infer(repo, keyring, "policy", [obs_input(x, datatype="FP64")])
-    assert_refused(exc, "INVALID_ARGUMENT", "has datatype FP64, expected FP32")
+    assert_refused(
+        exc,
+        "INVALID_ARGUMENT",
+        "inference input 'obs' data-type is 'FP64', but model 'policy' expects 'FP32'",
+    )
 
 
 def test_wrong_shape_is_invalid_argument(repo, keyring) -> None:
     x = np.zeros((1, OBS_DIM - 1), np.float32)
     exc = refused_infer(repo, keyring, "policy", [obs_input(x)])
-    assert_refused(exc, "INVALID_ARGUMENT", "input 'obs' for model 'policy' has shape [1, 7]")
+    assert_refused(
+        exc,
+        "INVALID_ARGUMENT",
+        "unexpected shape for input 'obs' for model 'policy'. Expected [-1,8], got [1,7]",
+    )
 
 
 def test_raw_byte_size_that_does_not_match_the_shape_is_invalid_argument(repo, keyring) -> None:
     tensor = obs_input(obs(2)).set_shape([1, OBS_DIM])  # 64 bytes sent for a [1, 8] shape
     exc = refused_infer(repo, keyring, "policy", [tensor])
     assert_refused(
-        exc, "INVALID_ARGUMENT", "has 64 bytes of raw data, shape [1, 8] of FP32 needs 32"
+        exc,
+        "INVALID_ARGUMENT",
+        "input byte size mismatch for input 'obs' for model 'policy'. Expected 32, got 64",
     )
 
 
 def test_batch_over_max_batch_size_is_invalid_argument(repo, keyring) -> None:
     exc = refused_infer(repo, keyring, "policy", [obs_input(obs(65))])
-    assert_refused(exc, "INVALID_ARGUMENT", "batch size 65 exceeds max_batch_size 64")
+    assert_refused(
+        exc, "INVALID_ARGUMENT", "inference request batch-size must be <= 64 for 'policy'"
+    )
 
 
 def test_raw_and_typed_contents_together_are_invalid_argument(repo, keyring) -> None:
@@ -306,14 +325,19 @@ def test_raw_and_typed_contents_together_are_invalid_argument(repo, keyring) -> 
         raw_input_contents=[values.tobytes()],
     )
     exc = refused_raw(repo, keyring, request)
-    assert_refused(exc, "INVALID_ARGUMENT", "has typed contents while the request uses raw")
+    assert_refused(
+        exc,
+        "INVALID_ARGUMENT",
+        "contents field must not be specified when using raw_input_contents for 'obs' for "
+        "model 'policy'",
+    )
 
 
 def test_unexpected_requested_output_is_invalid_argument(repo, keyring) -> None:
     exc = refused_infer(
         repo, keyring, "policy", [obs_input(obs(1))], outputs=[InferRequestedOutput("value")]
     )
-    assert_refused(exc, "INVALID_ARGUMENT", "unexpected requested output 'value' for model")
+    assert_refused(exc, "INVALID_ARGUMENT", "unexpected inference output 'value' for model")
 
 
 def test_typed_contents_are_answered_like_raw_ones(repo, keyring) -> None:
@@ -408,7 +432,9 @@ def test_explicit_load_then_unload_moves_a_model_in_and_out_of_service(repo, key
 
     loaded, unloaded, exc = run_inprocess(repo, keyring, body, load=["policy"])
     assert (loaded, unloaded) == (True, False)
-    assert_refused(exc, "UNAVAILABLE", "model 'simple'")
+    assert_refused(
+        exc, "UNAVAILABLE", "Request for unknown model: 'simple' has no available versions"
+    )
 
 
 def test_unload_lets_a_queued_request_finish_and_refuses_the_next(repo, keyring) -> None:
@@ -425,7 +451,9 @@ def test_unload_lets_a_queued_request_finish_and_refuses_the_next(repo, keyring)
 
     answered, exc = run_inprocess(repo, keyring, body, load=["policy_queued"])
     assert answered.as_numpy("action").tolist() == [[POLICY_V1_ACTION]]
-    assert_refused(exc, "UNAVAILABLE", "model 'policy_queued'")
+    assert_refused(
+        exc, "UNAVAILABLE", "Request for unknown model: 'policy_queued' has no available versions"
+    )
 
 
 # ---- streaming --------------------------------------------------------------------------
@@ -484,9 +512,9 @@ def test_stream_error_is_answered_in_stream_and_the_stream_goes_on(repo, keyring
     assert ok1.get_response().id == "ok-1" and ok2.get_response().id == "ok-2"
     assert ok2.as_numpy("action").tolist() == [[POLICY_V1_ACTION]]
     assert bad is None and unknown is None
-    assert "batch size 65 exceeds max_batch_size 64" in e2.message()
+    assert "inference request batch-size must be <= 64 for 'policy'" in e2.message()
     assert REQUEST_ID_SUFFIX.search(e2.message()), e2.message()
-    assert "unknown model 'nope'" in e3.message()
+    assert "Request for unknown model: 'nope' is not found" in e3.message()
     assert REQUEST_ID_SUFFIX.search(e3.message()), e3.message()
 
 

@@ -159,7 +159,7 @@ def test_statistics_of_an_unknown_model_is_not_found(repo, keyring) -> None:
         return caught.value
 
     exc = run_inprocess(repo, keyring, body, load=["policy"])
-    assert_refused(exc, "NOT_FOUND", "unknown model 'no_such_model'")
+    assert_refused(exc, "NOT_FOUND", "Request for unknown model: 'no_such_model' is not found")
 
 
 # ---- /metrics ---------------------------------------------------------------------------

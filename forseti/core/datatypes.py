@@ -10,7 +10,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 @dataclass(frozen=True)
 class TritonType:
-    """One numeric Triton datatype and how it travels."""
+    """One Triton datatype and how it travels."""
 
     name: str  # wire name, e.g. "FP32"
     config_type: int  # model_config_pb2.DataType value
@@ -37,9 +37,17 @@ NUMERIC_TYPES: tuple[TritonType, ...] = (
     _t("FP64", "TYPE_FP64", np.float64, "fp64_contents"),
 )
 
+# Strings (Triton's BYTES, TYPE_STRING in a config): numpy object arrays of bytes or str; each
+# element travels raw as a 4-byte little-endian length and its bytes.
+BYTES = TritonType("BYTES", mc.TYPE_STRING, np.dtype(np.object_), "bytes_contents")
+
 BY_NAME: dict[str, TritonType] = {t.name: t for t in NUMERIC_TYPES}
 BY_CONFIG_TYPE: dict[int, TritonType] = {t.config_type: t for t in NUMERIC_TYPES}
 BY_DTYPE: dict[np.dtype, TritonType] = {t.dtype: t for t in NUMERIC_TYPES}
+# The same three maps with BYTES: for what a model config or the server's own wire may hold.
+ANY_BY_NAME: dict[str, TritonType] = {**BY_NAME, BYTES.name: BYTES}
+ANY_BY_CONFIG_TYPE: dict[int, TritonType] = {**BY_CONFIG_TYPE, BYTES.config_type: BYTES}
+ANY_BY_DTYPE: dict[np.dtype, TritonType] = {**BY_DTYPE, BYTES.dtype: BYTES}
 
 # onnxruntime reports element types as strings like "tensor(float)".
 ORT_TYPE_NAMES: dict[str, str] = {
@@ -55,6 +63,7 @@ ORT_TYPE_NAMES: dict[str, str] = {
     "tensor(float16)": "FP16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
 }
 
 

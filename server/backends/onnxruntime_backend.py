@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -64,8 +65,9 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
 
 
 def _dims_compatible(model_dims: list, spec: TensorSpec, max_batch_size: int) -> bool:
-    """Config dims fit the model's: a fixed model dim must be matched exactly by the config."""
-    want = ([-1] if max_batch_size > 0 else []) + list(spec.dims)
+    """Config dims (the reshape, where there is one) fit the model's: a fixed model dim must
+    be matched exactly by the config."""
+    want = ([-1] if max_batch_size > 0 else []) + list(spec.model_dims or ())
     if len(model_dims) != len(want):
         return False
     for position, (got, expected) in enumerate(zip(model_dims, want, strict=True)):
@@ -81,17 +83,41 @@ def _dims_compatible(model_dims: list, spec: TensorSpec, max_batch_size: int) ->
     return True
 
 
-def check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
+def _is_scalar_as_one(model_dims: list, spec: TensorSpec, max_batch_size: int) -> bool:
+    """A rank-0 model tensor that a non-batching config declares as dims [1] (as Triton
+    accepts: clients send and receive shape [1])."""
+    return not model_dims and max_batch_size == 0 and spec.dims == (1,) and not spec.reshaped
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What the model's own signature asks of the feeds beyond the config: tensors whose
+    model shape differs from the config's dims (a `reshape`, or a rank-0 tensor declared as
+    [1]) by their model-side dims, and optional config inputs the model does not have."""
+
+    reshape_inputs: dict[str, tuple[int, ...]]  # name -> model dims (batch excluded)
+    reshape_outputs: dict[str, tuple[int, ...]]  # name -> config dims (batch excluded)
+    absent_optional: frozenset[str]
+
+
+def check_signature(session: ort.InferenceSession, spec: ModelSpec) -> Signature:
     """Refuse a model whose inputs/outputs disagree with the config."""
     model_inputs = {i.name: i for i in session.get_inputs()}
+    # Inputs with a default (initializers a request may override) are optional in the model.
+    overridable = {i.name: i for i in session.get_overridable_initializers()}
     model_outputs = {o.name: o for o in session.get_outputs()}
+    reshape: dict[str, dict[str, tuple[int, ...]]] = {"input": {}, "output": {}}
+    absent: set[str] = set()
     for kind, declared, actual in (
-        ("input", spec.inputs, model_inputs),
+        ("input", spec.inputs, {**overridable, **model_inputs}),
         ("output", spec.outputs, model_outputs),
     ):
         for name, ts in declared.items():
             node = actual.get(name)
             if node is None:
+                if ts.optional:
+                    absent.add(name)
+                    continue
                 raise ModelLoadError(
                     f"config {kind} '{name}' is not in the model; model has {sorted(actual)}"
                 )
@@ -100,14 +126,21 @@ def check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
                 raise ModelLoadError(
                     f"{kind} '{name}': config says {ts.ttype.name}, model has {got}"
                 )
-            if not _dims_compatible(list(node.shape), ts, spec.max_batch_size):
+            shape = list(node.shape)
+            if _is_scalar_as_one(shape, ts, spec.max_batch_size):
+                reshape[kind][name] = () if kind == "input" else ts.dims
+                continue
+            if ts.reshaped:
+                reshape[kind][name] = (ts.model_dims or ()) if kind == "input" else ts.dims
+            if not _dims_compatible(shape, ts, spec.max_batch_size):
                 raise ModelLoadError(
                     f"{kind} '{name}': config shape {ts.describe(spec.batched)} does not fit "
-                    f"the model's {list(node.shape)}"
+                    f"the model's {shape}"
                 )
     missing = sorted(set(model_inputs) - set(spec.inputs))
     if missing:
         raise ModelLoadError(f"model inputs {missing} are not declared in the config")
+    return Signature(reshape["input"], reshape["output"], frozenset(absent))
 
 
 class OnnxRuntimeBackend:
@@ -132,7 +165,14 @@ class OnnxRuntimeBackend:
             ]
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise library_failure("onnxruntime could not load the model", exc) from None
-        check_signature(sessions[0], spec)
+        signature = check_signature(sessions[0], spec)
+        self._batched = spec.batched
+        self._reshape_inputs = signature.reshape_inputs
+        self._reshape_outputs = signature.reshape_outputs
+        self._absent = signature.absent_optional
+        # Reshaped tensors and optional inputs the model lacks need the feeds adjusted; the
+        # common model needs nothing, and its run pays one truth test.
+        self._adjust = bool(self._reshape_inputs or self._reshape_outputs or self._absent)
         self._sessions = sessions
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for s in sessions:
@@ -147,6 +187,36 @@ class OnnxRuntimeBackend:
         log.debug("onnxruntime sessions ready", extra={"providers": self.providers})
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
+        if self._adjust:
+            return self._run_adjusted(feeds, output_names)
+        return self._run(feeds, output_names)
+
+    def _run_adjusted(
+        self, feeds: dict[str, np.ndarray], output_names: list[str]
+    ) -> list[np.ndarray]:
+        """Feeds in the model's shapes, outputs in the config's (batch dimension kept)."""
+        batch: tuple[int, ...] = ()
+        if self._batched and feeds:
+            batch = (next(iter(feeds.values())).shape[0],)
+        reshape_in = self._reshape_inputs
+        model_feeds = {}
+        for name, arr in feeds.items():
+            if name in self._absent:
+                continue
+            dims = reshape_in.get(name)
+            model_feeds[name] = arr if dims is None else arr.reshape(batch + dims)
+        outputs = self._run(model_feeds, output_names)
+        reshape_out = self._reshape_outputs
+        if not reshape_out:
+            return outputs
+        if self._batched and not batch and outputs:
+            batch = (np.asarray(outputs[0]).shape[0],)
+        return [
+            out if name not in reshape_out else np.asarray(out).reshape(batch + reshape_out[name])
+            for name, out in zip(output_names, outputs, strict=True)
+        ]
+
+    def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
         if self.instance_count == 1:
             if self._run_one is not None:
                 return self._run_one(output_names, feeds, None)

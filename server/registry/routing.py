@@ -51,27 +51,40 @@ class RoutingTable:
         self.serving: tuple[LoadedVersion, ...] = ()
 
     def route(self, name: str, version: str) -> LoadedVersion:
-        """The version a request goes to: the newest ready one when `version` is empty."""
+        """The version a request goes to: the newest ready one when `version` is empty.
+
+        Refusals use Triton's texts ("Request for unknown model: ..."), which clients match;
+        Forseti's reason follows them where it knows more."""
         entry = self.models.get(name)
         if entry is None:
             if self._in_repository(name):
-                raise Unavailable(f"model '{name}' is not loaded")
-            raise NotFound(f"unknown model '{shown(name)}'")
+                raise Unavailable(
+                    f"Request for unknown model: '{name}' is not found (it is in the model "
+                    "repository but not loaded)"
+                )
+            raise NotFound(f"Request for unknown model: '{shown(name)}' is not found")
         if not version:
             lv = entry.latest
             if lv is None:
                 why = f": {entry.reason}" if entry.reason else ""
-                raise Unavailable(f"model '{name}' has no ready version{why}")
+                raise Unavailable(
+                    f"Request for unknown model: '{name}' has no available versions{why}"
+                )
             return lv
         if not (version.isascii() and version.isdigit()) or len(version) > _MAX_VERSION_DIGITS:
-            raise NotFound(f"model '{name}' has no version '{shown(version)}'")
+            raise NotFound(
+                f"Request for unknown model: '{name}' version {shown(version)} is not found"
+            )
         number = int(version)
         lv = entry.versions.get(number)
         if lv is None:
             status = entry.status.get(number)
             if status is not None:
-                raise Unavailable(f"model '{name}' version {number} is not ready ({status.state})")
-            raise NotFound(f"model '{name}' has no version {number}")
+                raise Unavailable(
+                    f"Request for unknown model: '{name}' version {number} is not at ready "
+                    f"state ({status.state})"
+                )
+            raise NotFound(f"Request for unknown model: '{name}' version {number} is not found")
         return lv
 
     def entry(self, name: str) -> ModelEntry:

@@ -6,17 +6,25 @@ import time
 
 import numpy as np
 
+from forseti.core.datatypes import BYTES
 from forseti.core.errors import ModelLoadError, library_failure
 from forseti.core.repository.config import ModelSpec
 from forseti.server.backends.base import Backend
 
 
 def _zeros(spec: ModelSpec, batch: int) -> dict[str, np.ndarray]:
+    """Zeros (empty strings for BYTES) for every required input; optional ones are left out,
+    as a request may leave them out."""
     feeds = {}
     for name, ts in spec.inputs.items():
+        if ts.optional:
+            continue
         dims = tuple(1 if d == -1 else d for d in ts.dims)
         shape = (batch, *dims) if spec.batched else dims
-        feeds[name] = np.zeros(shape, dtype=ts.ttype.dtype)
+        if ts.ttype is BYTES:
+            feeds[name] = np.full(shape, b"", dtype=np.object_)
+        else:
+            feeds[name] = np.zeros(shape, dtype=ts.ttype.dtype)
     return feeds
 
 

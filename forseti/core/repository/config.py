@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from forseti.core.datatypes import BY_CONFIG_TYPE, TritonType
+from forseti.core.datatypes import ANY_BY_CONFIG_TYPE, BYTES, TritonType
 from forseti.core.errors import ModelLoadError, library_failure
 
 CONFIG_FILENAME = "config.pbtxt"
@@ -32,18 +32,33 @@ DEFAULT_FILENAMES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output as the config declares it; `dims` exclude the batch dimension."""
+    """One input or output as the config declares it; `dims` exclude the batch dimension.
+
+    `model_dims` are the dims the model itself has: the config's `reshape` when it gives one,
+    else `dims` (a client sends and receives `dims`). An `optional` input may be left out of a
+    request. `label_filename` names an output's class labels (the classification
+    extension)."""
 
     name: str
     ttype: TritonType
     dims: tuple[int, ...]
-    # Bytes of one batch item when the dims are fixed, else 0: the request path checks a raw
-    # tensor's size with one comparison.
+    model_dims: tuple[int, ...] | None = None
+    optional: bool = False
+    label_filename: str = ""
+    # Bytes of one batch item when the dims are fixed, the type numeric and nothing is
+    # reshaped, else 0: the request path checks such a raw tensor's size with one comparison.
     item_nbytes: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        nbytes = math.prod(self.dims) * self.ttype.dtype.itemsize if self.fixed else 0
+        if self.model_dims is None:
+            object.__setattr__(self, "model_dims", self.dims)
+        plain = self.fixed and self.ttype is not BYTES and self.model_dims == self.dims
+        nbytes = math.prod(self.dims) * self.ttype.dtype.itemsize if plain else 0
         object.__setattr__(self, "item_nbytes", nbytes)
+
+    @property
+    def reshaped(self) -> bool:
+        return self.model_dims != self.dims
 
     @property
     def fixed(self) -> bool:
@@ -71,6 +86,12 @@ class ModelSpec:
     outputs: dict[str, TensorSpec]
     artifact_filename: str
     config: mc.ModelConfig
+    # Class labels of outputs that name a label_filename, read from the model folder.
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def required_inputs(self) -> list[str]:
+        return [n for n, t in self.inputs.items() if not t.optional]
 
     @property
     def batched(self) -> bool:
@@ -107,18 +128,35 @@ def read_model_config(model_dir: Path) -> mc.ModelConfig:
 def _tensor_spec(tensor: mc.ModelInput | mc.ModelOutput, kind: str) -> TensorSpec:
     if not tensor.name:
         raise ModelLoadError(f"an {kind} has no name")
-    ttype = BY_CONFIG_TYPE.get(tensor.data_type)
+    ttype = ANY_BY_CONFIG_TYPE.get(tensor.data_type)
     if ttype is None:
         raise ModelLoadError(
-            f"{kind} '{tensor.name}' has unsupported data_type "
-            f"{mc.DataType.Name(tensor.data_type)}; numeric types only"
+            f"{kind} '{tensor.name}' has unsupported data_type {mc.DataType.Name(tensor.data_type)}"
         )
     dims = tuple(int(d) for d in tensor.dims)
-    if tensor.HasField("reshape"):
-        raise ModelLoadError(f"{kind} '{tensor.name}': reshape is not supported")
     if any(d == 0 or d < -1 for d in dims):
         raise ModelLoadError(f"{kind} '{tensor.name}' has invalid dims {list(dims)}")
-    return TensorSpec(tensor.name, ttype, dims)
+    model_dims = dims
+    if tensor.HasField("reshape"):
+        model_dims = tuple(int(d) for d in tensor.reshape.shape)
+        if any(d == 0 or d < -1 for d in model_dims):
+            raise ModelLoadError(f"{kind} '{tensor.name}' has invalid reshape {list(model_dims)}")
+        fixed = -1 not in dims and -1 not in model_dims
+        if fixed and math.prod(dims) != math.prod(model_dims):
+            raise ModelLoadError(
+                f"{kind} '{tensor.name}': reshape {list(model_dims)} does not hold the "
+                f"{math.prod(dims)} elements of dims {list(dims)}"
+            )
+        if not fixed and (dims.count(-1) > 1 or model_dims.count(-1) > 1):
+            raise ModelLoadError(
+                f"{kind} '{tensor.name}': a reshape may leave at most one dimension "
+                "variable on each side"
+            )
+    optional = isinstance(tensor, mc.ModelInput) and tensor.optional
+    label = tensor.label_filename if isinstance(tensor, mc.ModelOutput) else ""
+    if label and ("/" in label or label.startswith(".")):
+        raise ModelLoadError(f"{kind} '{tensor.name}': invalid label_filename '{label}'")
+    return TensorSpec(tensor.name, ttype, dims, model_dims, optional, label)
 
 
 def model_spec(config: mc.ModelConfig, model_name: str) -> ModelSpec:
@@ -160,6 +198,24 @@ def model_spec(config: mc.ModelConfig, model_name: str) -> ModelSpec:
         artifact_filename=filename,
         config=config,
     )
+
+
+def read_labels(model_dir: Path, spec: ModelSpec) -> ModelSpec:
+    """The spec with the class labels of its outputs' label_filename files (one label a
+    line), read from the model folder; a missing or unreadable file is a ModelLoadError."""
+    labels: dict[str, tuple[str, ...]] = {}
+    for out in spec.outputs.values():
+        if not out.label_filename:
+            continue
+        try:
+            text = (model_dir / out.label_filename).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(
+                f"output '{out.name}': cannot read label_filename '{out.label_filename}' "
+                f"({exc.__class__.__name__})"
+            ) from None
+        labels[out.name] = tuple(text.splitlines())
+    return replace(spec, labels=labels) if labels else spec
 
 
 def parameter(config: mc.ModelConfig, key: str, default: str | None = None) -> str | None:
