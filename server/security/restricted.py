@@ -341,15 +341,15 @@ def _refusal(
         code = grpc.StatusCode.UNAUTHENTICATED
         reason = "missing header"
         message = (
-            f"this protocol is restricted ({group.label}); "
-            f"send the header '{group.header}' with a valid token"
+            f"This protocol is restricted, expecting header '{group.header}' "
+            f"({group.label}); send it with a valid token"
         )
     else:
         code = grpc.StatusCode.PERMISSION_DENIED
         reason = "token not accepted"
         message = (
-            f"the value of header '{group.header}' is not accepted for the restricted "
-            f"protocol group ({group.label})"
+            f"This protocol is restricted, expecting header '{group.header}' "
+            f"({group.label}); the value sent is not accepted"
         )
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
