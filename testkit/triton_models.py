@@ -4,8 +4,10 @@ with the graph's dims given as ints (fixed), strings (symbolic) or an empty list
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
-from onnx import TensorProto, helper
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
 from testkit.model_builders import onnx_model_bytes
 
@@ -40,3 +42,35 @@ def add_sub_onnx(elem: int = TensorProto.FLOAT, dims: Dims = ("batch", 16)) -> b
         ],
     )
     return onnx_model_bytes(graph)
+
+
+def sum_onnx(inputs: Sequence[str], optional: Sequence[str] = ()) -> bytes:
+    """OUTPUT0 [1] = the sum of every element of the FP32 inputs (each of length -1); the
+    `optional` ones default to empty (graph inputs with an initializer, which onnxruntime
+    lets a request override), as Triton's optional-input models do."""
+    initializers = [numpy_helper.from_array(np.zeros((0,), np.float32), n) for n in optional]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Concat", list(inputs), ["cat"], axis=0),
+            helper.make_node("ReduceSum", ["cat"], ["OUTPUT0"], keepdims=1),
+        ],
+        "sum",
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"n{i}"])
+            for i, n in enumerate(inputs)
+        ],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [1])],
+        initializers,
+    )
+    return onnx_model_bytes(graph)
+
+
+def write_plain_model(repo: Path, name: str, config_text: str | None, model: bytes) -> Path:
+    """`<repo>/<name>/1/model.onnx` in plaintext (served with --allow-plaintext), and the
+    config when given (None: no config.pbtxt, for auto-complete)."""
+    folder = repo / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "1" / "model.onnx").write_bytes(model)
+    if config_text is not None:
+        (folder / "config.pbtxt").write_text(config_text)
+    return folder
