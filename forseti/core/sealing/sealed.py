@@ -221,21 +221,65 @@ class _ChunkOpener:
         self._finished = final
         return plain
 
+    def open_chunk_into(
+        self, sealed_chunk: bytes | memoryview, final: bool, out: memoryview
+    ) -> None:
+        """Like open_chunk, decrypting into ``out`` (exactly the chunk's plaintext length).
+        On failure ``out`` holds garbage: the caller drops the whole buffer."""
+        i = self._index
+        if self._finished:
+            raise SealError(AUTH_FAILED, f"data after the final chunk {i - 1}")
+        if i >= MAX_CHUNKS:
+            raise SealError(AUTH_FAILED, "too many chunks")
+        size = len(sealed_chunk)
+        if size < TAG_BYTES or size > self._chunk_size + TAG_BYTES:
+            raise SealError(AUTH_FAILED, f"chunk {i} has an impossible length")
+        if not final and size != self._chunk_size + TAG_BYTES:
+            raise SealError(AUTH_FAILED, f"chunk {i} is short")
+        nonce, aad = _chunk_nonce(self._prefix, i), _chunk_aad(self._ad, i, final)
+        try:
+            if _HAS_DECRYPT_INTO:
+                self._aead.decrypt_into(nonce, sealed_chunk, aad, out)
+            else:  # cryptography before decrypt_into: one chunk-sized temporary
+                out[:] = self._aead.decrypt(nonce, sealed_chunk, aad)
+        except InvalidTag:
+            raise SealError(AUTH_FAILED, f"chunk {i}") from None
+        self._index += 1
+        self._finished = final
+
+
+# Recent cryptography releases decrypt into a caller's buffer (51 here); older ones return bytes.
+_HAS_DECRYPT_INTO = hasattr(AESGCM, "decrypt_into")
+
 
 def _open_v2(
     blob: bytes, header: SealHeader, keyring: Keyring, model: str, version: int, filename: str
-) -> bytes:
+) -> bytearray:
+    """Open every chunk into one buffer of the exact plaintext size, allocated once: no
+    growing buffer, no join, no final copy. Peak memory is the ciphertext plus the plaintext
+    (a chunk more where cryptography cannot decrypt into a buffer)."""
     opener = _ChunkOpener(header, keyring, model, version, filename)
     body = memoryview(blob)[header.body_offset :]
-    step = header.chunk_size + TAG_BYTES
+    chunk = header.chunk_size
+    step = chunk + TAG_BYTES
     if len(body) == 0:
         raise SealError(AUTH_FAILED, "no chunks")
     # The last chunk is whatever is left after all full-size chunks, and it may be full-size.
     n_chunks = max(1, -(-len(body) // step))
-    out = bytearray()
-    for i in range(n_chunks):
-        out += opener.open_chunk(body[i * step : (i + 1) * step], final=i == n_chunks - 1)
-    return bytes(out)
+    last = len(body) - (n_chunks - 1) * step
+    if last < TAG_BYTES:
+        raise SealError(AUTH_FAILED, f"chunk {n_chunks - 1} has an impossible length")
+    out = bytearray((n_chunks - 1) * chunk + last - TAG_BYTES)
+    with memoryview(out) as view:
+        for i in range(n_chunks):
+            sealed_chunk = body[i * step : (i + 1) * step]
+            start = i * chunk
+            opener.open_chunk_into(
+                sealed_chunk,
+                i == n_chunks - 1,
+                view[start : start + len(sealed_chunk) - TAG_BYTES],
+            )
+    return out
 
 
 # Dispatch on the format byte.
@@ -243,7 +287,7 @@ _HEADER_PARSERS: dict[int, Callable[[bytes], SealHeader]] = {
     FORMAT_V1: _parse_v1_header,
     FORMAT_V2: _parse_v2_header,
 }
-_OPENERS: dict[int, Callable[[bytes, SealHeader, Keyring, str, int, str], bytes]] = {
+_OPENERS: dict[int, Callable[[bytes, SealHeader, Keyring, str, int, str], bytes | bytearray]] = {
     FORMAT_V1: _open_v1,
     FORMAT_V2: _open_v2,
 }
@@ -294,13 +338,25 @@ def seal_bytes(
     return header + AESGCM(key.secret).encrypt(parsed.nonce, plaintext, aad)
 
 
+def open_sealed_buffer(
+    blob: bytes, keyring: Keyring, *, model: str, version: int, filename: str
+) -> bytes | bytearray:
+    """Like open_sealed, without a copy: the chunked format 2 hands out the bytearray its
+    chunks were decrypted into (format 1 gives the bytes AES-GCM returns). For large
+    artifacts: the open holds the ciphertext and one plaintext, never two plaintexts."""
+    header = parse_header(blob)
+    return _OPENERS[header.format_version](blob, header, keyring, model, version, filename)
+
+
 def open_sealed(blob: bytes, keyring: Keyring, *, model: str, version: int, filename: str) -> bytes:
     """Authenticate and decrypt a sealed blob in memory; raises SealError on any mismatch.
 
-    ``filename`` is the plaintext name (``model.onnx``), not the ``.sealed`` name.
+    ``filename`` is the plaintext name (``model.onnx``), not the ``.sealed`` name. Gives
+    ``bytes`` (a format-2 plaintext is copied once into it); a caller that can take a
+    bytearray, or can drop the ciphertext first, uses open_sealed_buffer.
     """
-    header = parse_header(blob)
-    return _OPENERS[header.format_version](blob, header, keyring, model, version, filename)
+    plain = open_sealed_buffer(blob, keyring, model=model, version=version, filename=filename)
+    return plain if isinstance(plain, bytes) else bytes(plain)
 
 
 def plaintext_name(sealed_path: Path) -> str:
