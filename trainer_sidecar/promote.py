@@ -1,5 +1,13 @@
-"""Promotion: seal, publish as the next version atomically, ask the server to load it, and
-confirm that it now answers from the new version."""
+"""Promotion: seal, publish as the next version atomically, ask every server replica to load
+it, and confirm that each one now answers from the new version.
+
+When a replica does not get there in time the promotion fails, naming it; the policy for the
+others is *report partial and retry*: replicas that took the version keep serving it (it passed
+the gate, and in poll mode every replica would load it again from the repository anyway), the
+error and the audit log say which replicas serve it and which do not, and the next promotion
+(or a retry) loads the newest version on every replica, idempotently. No rollback: unloading
+a version from healthy replicas would lower what they serve to hide one replica's problem.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +31,31 @@ from forseti.core.repository.publish import publish_version
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import SEALED_SUFFIX, seal_bytes
 
+from .replicas import Replica
+
 log = logging.getLogger(__name__)
 
 MANIFEST = VERSION_MANIFEST
 
 
 class PromotionError(Exception):
-    """The new version was published but the server did not start serving it in time."""
+    """The new version was published but a server did not start serving it in time.
+
+    ``failed`` maps each replica that does not serve it to why; ``served`` lists those that do
+    (empty when the promotion failed before any replica was asked)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failed: Mapping[str, str] | None = None,
+        served: Sequence[str] = (),
+        version: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.version = version
+        self.failed = dict(failed or {})
+        self.served = list(served)
 
 
 @dataclass(frozen=True)
@@ -36,8 +63,11 @@ class Promotion:
     model: str
     version: int
     publish_seconds: float
-    # From the rename that made the version visible to the first answer that came from it.
+    # From the rename that made the version visible to the first answer that came from it
+    # (on the last replica to get there, when there are several).
     publish_to_serving_seconds: float
+    # Each replica's own publish-to-serving time, by address.
+    replica_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def write_config(model_dir: Path, config_text: str) -> bool:
@@ -124,8 +154,74 @@ def wait_until_serving(
     )
 
 
+def _confirm_one(
+    replica: Replica,
+    model: str,
+    version: int,
+    probe: np.ndarray,
+    timeout_s: float,
+    headers: dict | None,
+    published: float,
+) -> tuple[str, float | str]:
+    """Load and confirm on one replica: (address, seconds since publish) or (address, why)."""
+    try:
+        _load(replica.client, model, headers)
+        wait_until_serving(
+            replica.client, model, version, probe, timeout_s=timeout_s, headers=headers
+        )
+    except PromotionError as exc:
+        return replica.address, str(exc)
+    except Exception as exc:  # an unreachable replica must not hide the others' outcome
+        return replica.address, f"{type(exc).__name__}: {exc}"
+    return replica.address, time.perf_counter() - published
+
+
+def confirm_on_replicas(
+    replicas: Sequence[Replica],
+    model: str,
+    version: int,
+    probe: np.ndarray,
+    *,
+    timeout_s: float,
+    headers: dict | None = None,
+    published: float | None = None,
+) -> dict[str, float]:
+    """Load ``version`` on every replica (explicit mode) or wait for its poll (poll mode), all
+    at once, and confirm that each answers from it; returns each replica's seconds from
+    ``published`` (perf_counter) to serving. Raises PromotionError naming the replicas that
+    did not get there within ``timeout_s`` and those that did."""
+    if not replicas:
+        raise PromotionError(f"version {version} of {model}: no replicas to promote to")
+    start = time.perf_counter() if published is None else published
+    with ThreadPoolExecutor(max_workers=max(1, len(replicas))) as pool:
+        outcomes = list(
+            pool.map(
+                lambda r: _confirm_one(r, model, version, probe, timeout_s, headers, start),
+                replicas,
+            )
+        )
+    serving = {a: o for a, o in outcomes if isinstance(o, float)}
+    failed = {a: o for a, o in outcomes if isinstance(o, str)}
+    if failed:
+        where = "; ".join(f"{address}: {why}" for address, why in failed.items())
+        partial = (
+            f"replicas serving it: {', '.join(serving)}; the next promotion loads the newest "
+            "version on every replica"
+            if serving
+            else "no replica serves it"
+        )
+        raise PromotionError(
+            f"version {version} of {model} is not served by {len(failed)} of {len(replicas)} "
+            f"replicas ({where}); {partial}",
+            failed=failed,
+            served=list(serving),
+            version=version,
+        )
+    return serving
+
+
 def promote(
-    client: grpcclient.InferenceServerClient,
+    client: grpcclient.InferenceServerClient | Sequence[Replica],
     *,
     repository: Path,
     model: str,
@@ -137,20 +233,26 @@ def promote(
     timeout_s: float = 60.0,
     headers: dict | None = None,
 ) -> Promotion:
-    """Publish ``artifacts`` as the next version of ``model`` and wait until it serves."""
+    """Publish ``artifacts`` as the next version of ``model`` and wait until it serves on
+    ``client``'s server, or on every replica of a list (see confirm_on_replicas)."""
+    if isinstance(client, grpcclient.InferenceServerClient):
+        replicas: Sequence[Replica] = [Replica("server", client)]
+    else:
+        replicas = client
     model_dir = repository / model
     write_config(model_dir, config_text)
     start = time.perf_counter()
     version = publish_version(model_dir, sealed_version_files(artifacts, manifest, keyring, model))
     published = time.perf_counter()
-    _load(client, model, headers)
-    wait_until_serving(client, model, version, probe, timeout_s=timeout_s, headers=headers)
-    serving = time.perf_counter()
+    each = confirm_on_replicas(
+        replicas, model, version, probe, timeout_s=timeout_s, headers=headers, published=published
+    )
     promotion = Promotion(
         model=model,
         version=version,
         publish_seconds=published - start,
-        publish_to_serving_seconds=serving - published,
+        publish_to_serving_seconds=max(each.values()),
+        replica_seconds=each,
     )
     log.info(
         "promoted",
@@ -159,6 +261,7 @@ def promote(
             "version": version,
             "publish_ms": round(promotion.publish_seconds * 1000, 1),
             "publish_to_serving_ms": round(promotion.publish_to_serving_seconds * 1000, 1),
+            "replicas": len(each),
         },
     )
     return promotion

@@ -39,6 +39,7 @@ from .checkpoint_sb3 import resume_latest, save_checkpoint
 from .gate import GateDecision, GateError, evaluate_gate, gguf_actor, onnx_actor
 from .monitoring import TrainingMonitor, attach_logger
 from .promote import Promotion, PromotionError, promote
+from .replicas import Replica, ReplicaError, open_replicas, replica_addresses, split_address
 from .spec import TrainingSpec
 from .training_metrics import SidecarMetrics
 
@@ -475,13 +476,43 @@ class TrainingRun:
         }
         description = candidate.description
         probe = np.zeros((1, description.obs_dim), dtype=np.float32)
-        for model_name, fmt in served:
-            filename = ARTIFACTS[fmt][1]
+        with self._replicas() as replicas:
+            for model_name, fmt in served:
+                self._promote_one(result, replicas, model_name, fmt, candidate, manifest, probe)
+
+    @contextmanager
+    def _replicas(self) -> Iterator[list[Replica]]:
+        """The replicas a promotion must reach (see trainer_sidecar/replicas.py)."""
+        server = self.spec.server
+        if not server.endpoints and server.replicas_dns is None:
+            yield [Replica(server.url, self.client)]
+            return
+        try:
+            addresses = replica_addresses(server.url, server.endpoints, server.replicas_dns)
+        except ReplicaError as exc:
+            raise PromotionError(str(exc)) from None
+        tls_name = None if server.replicas_dns is None else split_address(server.replicas_dns)[0]
+        with open_replicas(addresses, server.client_options(), tls_name) as replicas:
+            yield replicas
+
+    def _promote_one(
+        self,
+        result: RunResult,
+        replicas: list[Replica],
+        model_name: str,
+        fmt: str,
+        candidate: Candidate,
+        manifest: dict[str, Any],
+        probe: np.ndarray,
+    ) -> None:
+        spec = self.spec
+        filename = ARTIFACTS[fmt][1]
+        try:
             promotion = promote(
-                self.client,
+                replicas,
                 repository=spec.model.repository,
                 model=model_name,
-                config_text=self._config_text(model_name, fmt, description),
+                config_text=self._config_text(model_name, fmt, candidate.description),
                 artifacts={filename: candidate.artifacts[fmt]},
                 manifest={**manifest, "format": fmt},
                 keyring=self.keyring,
@@ -489,13 +520,29 @@ class TrainingRun:
                 timeout_s=spec.server.ready_timeout_s,
                 headers=self.headers,
             )
-            result.promotions.append(promotion)
-            self.metrics.record_promotion(promotion.version, promotion.publish_to_serving_seconds)
-            self._audit(
-                "promotion.done",
-                run=spec.run_name,
-                model=model_name,
-                format=fmt,
-                version=promotion.version,
-                publish_to_serving_s=promotion.publish_to_serving_seconds,
-            )
+        except PromotionError as exc:
+            if exc.failed:
+                # Which replicas serve the new version and which do not, and why.
+                failed = list(exc.failed.items())[:64]
+                self._audit(
+                    "promotion.incomplete",
+                    run=spec.run_name,
+                    model=model_name,
+                    format=fmt,
+                    version=exc.version,
+                    serving_replicas=exc.served[:64],
+                    failed_replicas=[address for address, _ in failed],
+                    reasons=[why[:300] for _, why in failed],
+                )
+            raise
+        result.promotions.append(promotion)
+        self.metrics.record_promotion(promotion.version, promotion.publish_to_serving_seconds)
+        self._audit(
+            "promotion.done",
+            run=spec.run_name,
+            model=model_name,
+            format=fmt,
+            version=promotion.version,
+            publish_to_serving_s=promotion.publish_to_serving_seconds,
+            replicas=list(promotion.replica_seconds)[:64],
+        )

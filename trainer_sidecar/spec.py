@@ -131,7 +131,14 @@ class ServerSpec:
     """``[server]``: the live server promotions go to, and the trainer's own endpoints."""
 
     url: str = "127.0.0.1:8001"
-    """The server's gRPC address, host:port."""
+    """The server's gRPC address, host:port: the gate's live server, and the one replica
+    promotions go to unless ``endpoints`` or ``replicas_dns`` name several."""
+    endpoints: tuple[str, ...] = ()
+    """Every replica's gRPC address (host:port); a promotion succeeds only when each one
+    answers from the new version. Empty: ``url`` alone."""
+    replicas_dns: str | None = None
+    """host:port of a DNS name that resolves to every replica (a Kubernetes headless Service),
+    resolved again at each promotion (all A and AAAA records); instead of ``endpoints``."""
     keyring: Path = Path("keyring.json")
     """The keyring that seals checkpoints and artifacts (relative: to the spec file's folder)."""
     token_header: str | None = None
@@ -444,8 +451,19 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
     metrics_port = s.get("metrics_port", int)
     if metrics_port is not None and not 0 <= metrics_port < 65536:
         raise SpecError(source, "server.metrics_port", f"{metrics_port} is not a port")
+    endpoints = s.get("endpoints", list)
+    for endpoint in endpoints:
+        if not isinstance(endpoint, str) or ":" not in endpoint:
+            raise SpecError(source, "server.endpoints", f"{endpoint!r} is not host:port")
+    replicas_dns = s.get("replicas_dns", str)
+    if replicas_dns is not None and endpoints:
+        raise SpecError(source, "server.replicas_dns", "give endpoints or replicas_dns, not both")
+    if replicas_dns is not None and ":" not in replicas_dns:
+        raise SpecError(source, "server.replicas_dns", f"{replicas_dns!r} is not host:port")
     server = ServerSpec(
         url=s.get("url", str),
+        endpoints=tuple(endpoints),
+        replicas_dns=replicas_dns,
         keyring=s.required_path("keyring", base),
         token_header=s.get("token_header", str),
         token_file=s.path("token_file", base),
