@@ -136,6 +136,22 @@ def test_peer_address_drops_the_source_port() -> None:
     assert peer_address("unix:/tmp/s") == "unix:/tmp/s"
 
 
+def test_control_calls_refused_by_the_control_mode_are_counted(
+    repository: Path, start_server, tmp_path: Path
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    server = start_server(repository, "--audit-log", str(audit))  # mode none: no load/unload
+    client = grpcclient.InferenceServerClient(server.url)
+    for _ in range(40):
+        with pytest.raises(InferenceServerException, match="not allowed in model control mode"):
+            client.unload_model("policy")
+    client.close()
+    assert server.stop() == 0
+    rejected = [d["fields"] for d in _records(audit) if d["event"] == "repository.rejected"]
+    assert [(r["rpc"], r["count"]) for r in rejected] == [("RepositoryModelUnload", 40)]
+    assert not [d for d in _records(audit) if d["event"].startswith("repository.unload")]
+
+
 # ---- fail closed ----------------------------------------------------------------------------
 
 
