@@ -194,6 +194,10 @@ class NativeGrpcServer:
 
     async def stop(self, grace: float | None) -> None:
         await asyncio.to_thread(self._server.shutdown, grace or 0.0)
+        log.info(
+            "native data plane stopped",
+            extra={"native_calls": self.native_calls, "fallback_calls": self.fallback_calls},
+        )
         self._server.clear_routes()
         self._routes.clear()
         for _ in range(2):  # the routes' releases were posted to the loop: let them run
@@ -239,7 +243,8 @@ class NativeGrpcServer:
     async def on_event(self, event: LifecycleEvent) -> None:
         """Lifecycle listener: a model's routes follow each change of what it serves."""
         model = event.loaded.model if isinstance(event, VersionReleased) else event.model
-        self.sync(model)
+        if self._loop is not None:  # routes are installed once the port is bound
+            self.sync(model)
 
     def sync(self, model: str) -> None:
         """Install the native routes of `model` from the registry's routing table."""
