@@ -107,7 +107,7 @@ class AuditTrail:
     def tally(self, event: str, request_id: str | None, **key: TallyValue) -> None:
         """Count one call that changed nothing; `key` (caller address, method, reason...)
         says which calls count together. No I/O here: the count is written when its window
-        ends (or by `flush`)."""
+        ends (or by `flush`). Call it on the event loop's thread."""
         if self.audit is None:
             return
         ident = (event, tuple(key.items()))
@@ -155,7 +155,10 @@ class AuditTrail:
         pending, self._pending = self._pending, {}
         for (event, key), tally in pending.items():
             ids = (
-                {"first_request_id": tally.first_request_id, "last_request_id": tally.last_request_id}
+                {
+                    "first_request_id": tally.first_request_id,
+                    "last_request_id": tally.last_request_id,
+                }
                 if tally.first_request_id is not None
                 else {}
             )

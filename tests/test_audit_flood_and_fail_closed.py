@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from forseti.core.audit import AuditLog, verify_file
 from forseti.core.sealing.keyring import Keyring
+from forseti.server import audit_trail
 from forseti.server.audit_trail import AuditTrail, peer_address
 from testkit.model_builders import build_repository
 from testkit.server_process import ServerProcess
@@ -128,6 +129,34 @@ def test_a_count_is_written_when_its_window_ends(tmp_path: Path) -> None:
         "id0",
         "id4",
     )
+
+
+def test_counts_from_too_many_addresses_share_one_overflow_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory stays bounded whatever the number of source addresses (MAX_PENDING)."""
+    monkeypatch.setattr(audit_trail, "MAX_PENDING", 3)
+    path = tmp_path / "audit.jsonl"
+
+    async def scenario() -> None:
+        trail = AuditTrail(AuditLog.open(path))
+        for i in range(10):
+            trail.tally("repository.refused", f"id{i}", peer=f"ipv4:10.0.0.{i}", reason="r")
+        await trail.flush()
+        trail.close()
+
+    asyncio.run(scenario())
+    counts = {
+        d["fields"]["peer"]: d["fields"]["count"]
+        for d in _records(path)
+        if d["event"] == "repository.refused"
+    }
+    assert counts == {
+        "ipv4:10.0.0.0": 1,
+        "ipv4:10.0.0.1": 1,
+        "ipv4:10.0.0.2": 1,
+        audit_trail.OVERFLOW_PEER: 7,
+    }
 
 
 def test_peer_address_drops_the_source_port() -> None:
