@@ -15,12 +15,14 @@ import grpc
 
 from forseti.core.audit import AuditError
 from forseti.core.errors import (
-    FailedPrecondition,
     ForsetiError,
     InvalidArgument,
     ModelLoadError,
+    NotFound,
     Refused,
+    Unavailable,
     new_request_id,
+    shown,
     with_request_id,
 )
 from forseti.server.audit_trail import AuditTrail, peer_address
@@ -35,6 +37,17 @@ AUDIT_UNAVAILABLE = (
     "the audit log cannot be written, so this call, which changes the models being served, "
     "is refused and nothing was changed; retry once the server's audit log is fixed"
 )
+
+
+def check_model_name(model: str) -> None:
+    """Refuse a name to load that is empty or could leave the repository, with Triton's
+    texts (a name that is merely unknown fails later, as Triton's does)."""
+    if not model.strip():
+        raise InvalidArgument("Model name cannot be empty. Please enter a valid name to deploy.")
+    if "/" in model or "\\" in model or "\x00" in model or model.strip() in (".", ".."):
+        raise InvalidArgument(
+            f"model name must not contain path traversal characters: '{shown(model)}'"
+        )
 
 
 class ModelControl:
@@ -117,9 +130,11 @@ class ModelControl:
         return items
 
     def _check_explicit(self) -> None:
+        # Triton's status and text (its clients and QA tests match them), then Forseti's.
         if self.control_mode != "explicit":
-            raise FailedPrecondition(
-                "explicit model load / unload is not allowed in model control mode "
+            raise Unavailable(
+                "explicit model load / unload is not allowed if polling is enabled, nor in "
+                "any mode but explicit: it is not allowed in model control mode "
                 f"'{self.control_mode}'; start the server with --model-control-mode explicit"
             )
 
@@ -127,6 +142,7 @@ class ModelControl:
         """Load (or reload) `model`; raises Refused with the reason, already audited."""
 
         def check() -> None:
+            check_model_name(model)
             self._check_explicit()
             if has_parameters:
                 raise InvalidArgument(
@@ -137,6 +153,11 @@ class ModelControl:
         async def run() -> None:
             try:
                 await self.registry.load_model(model)
+            except NotFound as exc:
+                raise NotFound(
+                    f"failed to load '{shown(model)}', failed to poll from model repository: "
+                    f"{exc.message}"
+                ) from None
             except ModelLoadError as exc:
                 raise InvalidArgument(f"failed to load '{model}': {exc.reason}") from None
 

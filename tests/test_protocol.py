@@ -649,11 +649,14 @@ def test_unload_model_makes_the_model_not_ready(repository, start_server):
         expect_error("UNAVAILABLE", c.infer, "policy", policy_inputs(obs(1)))
 
 
-def test_load_model_in_control_mode_none_is_failed_precondition(repository, start_server):
+def test_load_model_in_control_mode_none_is_unavailable_as_in_triton(repository, start_server):
     server = start_server(repository, "--model-control-mode", "none")
     with grpcclient.InferenceServerClient(server.url) as c:
-        message = expect_error("FAILED_PRECONDITION", c.load_model, "policy")
-        unload_message = expect_error("FAILED_PRECONDITION", c.unload_model, "policy")
+        message = expect_error("UNAVAILABLE", c.load_model, "policy")
+        unload_message = expect_error("UNAVAILABLE", c.unload_model, "policy")
         assert c.is_model_ready("policy") is True
-    assert "explicit" in message and "'none'" in message
+    assert (
+        message.startswith("explicit model load / unload is not allowed if polling is enabled")
+        and "'none'" in message
+    )
     assert "explicit" in unload_message

@@ -403,9 +403,7 @@ def test_request_over_the_max_message_size_is_resource_exhausted(repo, keyring) 
 
 
 @pytest.mark.parametrize("call", ["load_model", "unload_model"])
-def test_load_or_unload_outside_explicit_mode_is_failed_precondition(
-    repo, keyring, call: str
-) -> None:
+def test_load_or_unload_outside_explicit_mode_is_unavailable(repo, keyring, call: str) -> None:
     async def body(client, srv):
         with pytest.raises(InferenceServerException) as caught:
             await getattr(client, call)("policy")
@@ -414,7 +412,7 @@ def test_load_or_unload_outside_explicit_mode_is_failed_precondition(
         return caught.value, still
 
     exc, still = run_inprocess(repo, keyring, body, control_mode="none")
-    assert_refused(exc, "FAILED_PRECONDITION", "not allowed in model control mode 'none'")
+    assert_refused(exc, "UNAVAILABLE", "not allowed in model control mode 'none'")
     assert still.get_response().model_version == "1"
 
 

@@ -13,7 +13,7 @@ from forseti.server.backends.base import Backend
 
 
 def _zeros(spec: ModelSpec, batch: int) -> dict[str, np.ndarray]:
-    """Zeros (empty strings for BYTES) for every required input; optional ones are left out,
+    """Zeros ("0" strings for BYTES) for every required input; optional ones are left out,
     as a request may leave them out."""
     feeds = {}
     for name, ts in spec.inputs.items():
@@ -22,7 +22,8 @@ def _zeros(spec: ModelSpec, batch: int) -> dict[str, np.ndarray]:
         dims = tuple(1 if d == -1 else d for d in ts.dims)
         shape = (batch, *dims) if spec.batched else dims
         if ts.ttype is BYTES:
-            feeds[name] = np.full(shape, b"", dtype=np.object_)
+            # "0" rather than "": models that parse their strings as numbers take it too.
+            feeds[name] = np.full(shape, "0", dtype=np.object_)
         else:
             feeds[name] = np.zeros(shape, dtype=ts.ttype.dtype)
     return feeds

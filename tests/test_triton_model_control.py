@@ -1,0 +1,82 @@
+"""Triton's model-repository extension as its clients meet it: names refused before anything
+happens (Triton's texts), an unknown model's load failure, and loads with a config override
+or file overrides (in process, real gRPC, real onnxruntime)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from onnx import TensorProto
+from tritonclient.utils import InferenceServerException
+
+from testkit.triton_models import add_sub_onnx, write_plain_model
+from tests.inprocess_server import run_inprocess
+
+SIMPLE = """
+name: "simple"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+        { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+         { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
+"""
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("triton_control")
+    write_plain_model(root, "simple", SIMPLE, add_sub_onnx(TensorProto.FLOAT))
+    return root
+
+
+def _serve(repo: Path, body: Callable[..., Any], **options: Any) -> Any:
+    return run_inprocess(repo, None, body, allow_plaintext=True, **options)
+
+
+def _load_refusals(repo: Path, names: list[str]) -> list[InferenceServerException]:
+    async def body(client, srv):
+        refusals = []
+        for name in names:
+            with pytest.raises(InferenceServerException) as caught:
+                await client.load_model(name)
+            refusals.append(caught.value)
+        return refusals
+
+    return _serve(repo, body)
+
+
+@pytest.mark.parametrize("name", ["", " ", "\t\n"])
+def test_an_empty_model_name_is_refused_with_tritons_text(repo: Path, name: str) -> None:
+    (refused,) = _load_refusals(repo, [name])
+    assert refused.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "Model name cannot be empty. Please enter a valid name to deploy." in refused.message()
+
+
+def test_path_traversal_names_are_refused_with_tritons_text(repo: Path) -> None:
+    names = ["../etc", "a/../b", "..", " ..", "model/", "/etc/passwd"]
+    for refused in _load_refusals(repo, names):
+        assert "model name must not contain path traversal characters" in refused.message()
+
+
+def test_an_unknown_but_valid_name_fails_to_poll(repo: Path) -> None:
+    for refused in _load_refusals(repo, ["model123", "...", "..my_model"]):
+        assert "path traversal" not in refused.message()
+        assert "failed to poll from model repository" in refused.message()
+        assert refused.message().startswith("failed to load")
+
+
+def test_load_outside_explicit_mode_is_unavailable_with_tritons_text(repo: Path) -> None:
+    async def body(client, srv):
+        with pytest.raises(InferenceServerException) as caught:
+            await client.load_model("simple")
+        return caught.value
+
+    refused = _serve(repo, body, control_mode="none")
+    assert refused.status() == "StatusCode.UNAVAILABLE"
+    assert refused.message().startswith(
+        "explicit model load / unload is not allowed if polling is enabled"
+    )
