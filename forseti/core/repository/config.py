@@ -159,8 +159,9 @@ def _tensor_spec(tensor: mc.ModelInput | mc.ModelOutput, kind: str) -> TensorSpe
     return TensorSpec(tensor.name, ttype, dims, model_dims, optional, label)
 
 
-def model_spec(config: mc.ModelConfig, model_name: str) -> ModelSpec:
-    """Check a parsed config and derive the serving spec from it."""
+def model_spec(config: mc.ModelConfig, model_name: str, complete_later: bool = False) -> ModelSpec:
+    """Check a parsed config and derive the serving spec from it. `complete_later`: the
+    inputs and outputs may be missing, to be completed from the model (auto-complete)."""
     if config.name != model_name:
         raise ModelLoadError(
             f"config name '{config.name}' does not match model folder '{model_name}'"
@@ -174,9 +175,9 @@ def model_spec(config: mc.ModelConfig, model_name: str) -> ModelSpec:
         )
     if config.max_batch_size < 0:
         raise ModelLoadError(f"max_batch_size must be >= 0, got {config.max_batch_size}")
-    if not config.input:
+    if not config.input and not complete_later:
         raise ModelLoadError("config declares no input")
-    if not config.output:
+    if not config.output and not complete_later:
         raise ModelLoadError("config declares no output")
     inputs = {t.name: _tensor_spec(t, "input") for t in config.input}
     outputs = {t.name: _tensor_spec(t, "output") for t in config.output}
