@@ -28,7 +28,8 @@ class DelayProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def address(self) -> str:
@@ -60,6 +61,7 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
+        self._writers.update((writer, up_writer))
         pumps = [
             asyncio.ensure_future(self._pump(reader, up_writer, delayed=True)),
             asyncio.ensure_future(self._pump(up_reader, writer, delayed=False)),
@@ -112,6 +114,11 @@ class DelayProxy:
                 self._server.close()
             for task in list(self._tasks):
                 task.cancel()
+            # Abort both sides of every connection, so that the server does not wait on a
+            # call whose delayed bytes will never come.
+            for w in list(self._writers):
+                w.transport.abort()
+            await asyncio.sleep(0.05)
 
         with contextlib.suppress(RuntimeError):
             asyncio.run_coroutine_threadsafe(shut(), loop).result(5)

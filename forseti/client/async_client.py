@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from forseti.client import decision as reasons
-from forseti.client.base import Call, ClientBase
+from forseti.client.base import AT_DEADLINE_S, Call, ClientBase
 from forseti.client.decision import Decision
 from forseti.client.endpoints import Endpoint
 from forseti.client.health import health_request, health_unimplemented, is_healthy
@@ -74,9 +74,9 @@ class AsyncDecisionClient(ClientBase):
         if ep.channel is not None:
             self._closing.append(ep.channel)
 
-    def attempt_timeout(self, ep: Endpoint, remaining: float) -> float:
+    def attempt_timeout(self, ep: Endpoint, remaining: float, tried: int) -> float:
         ep.extra["ready"] = ep.channel.get_state(try_to_connect=True) == _READY
-        return super().attempt_timeout(ep, remaining)
+        return super().attempt_timeout(ep, remaining, tried)
 
     async def close(self) -> None:
         """Stop health checks and close every channel (and the local policy's poller)."""
@@ -193,7 +193,7 @@ class AsyncDecisionClient(ClientBase):
             if last_error is not None:
                 self.metrics.retry((last_error.code() or grpc.StatusCode.UNKNOWN).name)
             tried.append(ep)
-            timeout = self.attempt_timeout(ep, remaining)
+            timeout = self.attempt_timeout(ep, remaining, len(tried))
             bounded = timeout >= remaining  # the decision's deadline, not a connect timeout
             if bounded:
                 timeout = self.lateness.timeout(remaining)
@@ -203,15 +203,17 @@ class AsyncDecisionClient(ClientBase):
                     call.request, timeout=timeout, metadata=self.metadata
                 )
             except grpc.RpcError as error:
-                code = self.failed(ep, error)
                 last_error = error
-                if self.retryable(code):
-                    continue
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    if bounded:
+                if bounded and time.monotonic() >= sent + timeout - AT_DEADLINE_S:
+                    # The call ran to its deadline: gRPC's DEADLINE_EXCEEDED, or the server
+                    # dropping it at the deadline (UNAVAILABLE), which is no fault of its own.
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        self.failed(ep, error)
                         self.lateness.observe(time.monotonic() - sent - timeout)
-                        return self.fall_back(call, reasons.DEADLINE, error)
-                    continue  # a connect timeout: the next replica
+                    return self.fall_back(call, reasons.DEADLINE, error)
+                code = self.failed(ep, error)
+                if self.retryable(code) or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # another replica (a deadline here was a connect timeout)
                 return self.rejected(call, error, ep)
             self.replicas.succeeded(ep)
             return self.from_response(call, response, ep)
@@ -228,7 +230,7 @@ class AsyncDecisionClient(ClientBase):
 
         def launch(ep: Endpoint, remaining: float) -> asyncio.Future[Any]:
             tried.append(ep)
-            timeout = self.attempt_timeout(ep, remaining)
+            timeout = self.attempt_timeout(ep, remaining, len(tried))
             rpc = ep.stub.ModelInfer(call.request, timeout=timeout, metadata=self.metadata)
             future = asyncio.ensure_future(rpc)
             pending[future] = (ep, rpc)
@@ -272,8 +274,10 @@ class AsyncDecisionClient(ClientBase):
                         return self.from_response(call, future.result(), ep)
                     if not isinstance(error, grpc.RpcError):
                         raise error
-                    code = self.failed(ep, error)
                     last_error = error
+                    if time.monotonic() >= call.deadline - AT_DEADLINE_S:
+                        continue  # dropped at the deadline: the fallback, not the replica's fault
+                    code = self.failed(ep, error)
                     if self.retryable(code) or code == grpc.StatusCode.DEADLINE_EXCEEDED:
                         continue
                     return self.rejected(call, error, ep)

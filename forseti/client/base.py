@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 _UNKNOWN = grpc.StatusCode.UNKNOWN
 # tritonclient's channel limits (2 GiB messages), so that whatever it can send, this can.
 MAX_MESSAGE_BYTES = 2**31 - 1
+# An error that comes this close to the deadline is the deadline's doing (a server drops a
+# queued call whose deadline passed with UNAVAILABLE): the fallback, and no replica's fault.
+AT_DEADLINE_S = 0.001
 
 
 class DeadlineLateness:
@@ -306,9 +309,10 @@ class ClientBase:
             self.metrics.ejected(ep.address)
         self.metrics.healthy_replicas(self.replicas.healthy_count())
 
-    def attempt_timeout(self, ep: Endpoint, remaining: float) -> float:
+    def attempt_timeout(self, ep: Endpoint, remaining: float, tried: int) -> float:
         """An attempt's timeout: what is left of the deadline, and no more than the connect
-        timeout while the replica's channel is not connected."""
-        if ep.extra.get("ready", False):
+        timeout while the replica's channel is not connected and another replica is left to
+        try (`tried`: replicas tried so far, this one included)."""
+        if ep.extra.get("ready", False) or self.replicas.healthy_count() <= tried:
             return remaining
         return min(remaining, self.connect_timeout_s)
