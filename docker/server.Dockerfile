@@ -1,7 +1,7 @@
 # Forseti server image: no torch, no stable-baselines3.
 # Build from the repository root: docker build -f docker/server.Dockerfile -t forseti-server .
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 forseti
+RUN groupadd --gid 10001 forseti && useradd --create-home --uid 10001 --gid 10001 forseti
 WORKDIR /opt/forseti
 COPY pyproject.toml README.md ./
 COPY forseti forseti
@@ -10,7 +10,7 @@ COPY exporters exporters
 COPY trainer_sidecar trainer_sidecar
 COPY loadtests loadtests
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
-USER forseti
+USER 10001:10001
 EXPOSE 8001 8002
 # The keyring is mounted at run time (a secret), never baked into the image.
 ENTRYPOINT ["forseti", "serve"]

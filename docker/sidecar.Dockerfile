@@ -1,7 +1,7 @@
 # Forseti trainer sidecar image: torch (CPU build), stable-baselines3, gymnasium.
 # Build from the repository root: docker build -f docker/sidecar.Dockerfile -t forseti-sidecar .
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 forseti
+RUN groupadd --gid 10001 forseti && useradd --create-home --uid 10001 --gid 10001 forseti
 WORKDIR /opt/forseti
 # torch's CPU wheel first, so stable-baselines3 never resolves a multi-GB CUDA build.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
@@ -13,7 +13,7 @@ COPY trainer_sidecar trainer_sidecar
 COPY loadtests loadtests
 RUN pip install --no-cache-dir '.[train]' && rm -rf /root/.cache
 COPY docker/sidecar.toml /etc/forseti/sidecar.toml
-USER forseti
+USER 10001:10001
 EXPOSE 9100
 # SIGTERM (docker stop) finishes the current chunk, writes a checkpoint and exits 0;
 # --resume picks the run up again after any restart.
