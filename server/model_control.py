@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from forseti.core.audit import AuditError
 from forseti.core.errors import (
@@ -37,6 +40,60 @@ AUDIT_UNAVAILABLE = (
     "the audit log cannot be written, so this call, which changes the models being served, "
     "is refused and nothing was changed; retry once the server's audit log is fixed"
 )
+
+
+# Triton rejects a file override whose path has a component longer than the file system's
+# NAME_MAX (with INTERNAL and "failed to poll from model repository"; clients match both).
+_NAME_MAX = 255
+
+
+@dataclass(frozen=True)
+class LoadParameters:
+    """What a RepositoryModelLoad may carry beside the name (Triton's repository extension):
+    a config override ("config": the model's config as JSON) and file overrides ("file:<path>"
+    parameters with the file's bytes)."""
+
+    config_json: str | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def parse_config_override(model: str, text: str) -> mc.ModelConfig:
+    """The override as a ModelConfig named after the model; InvalidArgument (with Triton's
+    "Invalid config override") when it is not a ModelConfig in JSON."""
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise InvalidArgument(
+            f"failed to load '{shown(model)}', Invalid config override: {shown(str(exc), 200)}"
+        ) from None
+    if config.name and config.name != model:
+        raise InvalidArgument(
+            f"failed to load '{shown(model)}', Invalid config override: its name "
+            f"'{shown(config.name)}' is not the model's"
+        )
+    config.name = model
+    return config
+
+
+def check_file_overrides(model: str, files: dict[str, bytes]) -> None:
+    """Refuse file overrides. Forseti serves only what was published to the repository
+    (sealed, and authenticated by the model manifest in a sealed repository): files handed
+    over in a control call would bypass both, so they are refused, naming the way to publish."""
+    for path in files:
+        if any(len(part.encode()) > _NAME_MAX for part in path.split("/")):
+            raise ForsetiError(
+                f"failed to load '{shown(model)}', failed to poll from model repository: a "
+                f"file override path component is longer than {_NAME_MAX} bytes",
+                grpc.StatusCode.INTERNAL,
+            )
+    if files:
+        raise InvalidArgument(
+            f"failed to load '{shown(model)}': file overrides ('file:<path>' parameters) are "
+            "not accepted: this server serves only artifacts published to its repository "
+            "(sealed, with their model manifest); publish the version with `forseti publish` "
+            "and load it by name, optionally with a config override"
+        )
 
 
 def check_model_name(model: str) -> None:
@@ -138,21 +195,37 @@ class ModelControl:
                 f"'{self.control_mode}'; start the server with --model-control-mode explicit"
             )
 
-    async def load(self, model: str, has_parameters: bool, caller: CallerIdentity) -> None:
-        """Load (or reload) `model`; raises Refused with the reason, already audited."""
+    async def load(
+        self,
+        model: str,
+        has_parameters: bool,
+        caller: CallerIdentity,
+        parameters: LoadParameters | None = None,
+    ) -> None:
+        """Load (or reload) `model`, with a config override when `parameters` holds one;
+        raises Refused with the reason, already audited. `has_parameters` without
+        `parameters`: the front door could not read them, and the call is refused."""
+        override: list[mc.ModelConfig] = []
 
         def check() -> None:
             check_model_name(model)
             self._check_explicit()
-            if has_parameters:
+            if has_parameters and parameters is None:
                 raise InvalidArgument(
-                    "load parameters (config override, file content) are not supported; "
-                    "publish a version folder instead"
+                    "load parameters (config override, file content) are not supported "
+                    "through this endpoint; publish a version folder instead"
                 )
+            if parameters is not None:
+                check_file_overrides(model, parameters.files)
+                if parameters.config_json is not None:
+                    override.append(parse_config_override(model, parameters.config_json))
 
         async def run() -> None:
             try:
-                await self.registry.load_model(model)
+                if override:
+                    await self.registry.load_model(model, config_override=override[0])
+                else:
+                    await self.registry.load_model(model)
             except NotFound as exc:
                 raise NotFound(
                     f"failed to load '{shown(model)}', failed to poll from model repository: "

@@ -22,6 +22,7 @@ from forseti.core.errors import (
 from forseti.core.repository.config import TensorSpec
 from forseti.server.inference import InferenceHandler
 from forseti.server.model_control import ModelControl
+from forseti.server.protocol.load_parameters import load_parameters
 from forseti.server.protocol.registration import MALFORMED
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
@@ -270,7 +271,10 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
     ) -> pb.RepositoryModelLoadResponse:
         try:
             await self.control.load(
-                request.model_name, bool(request.parameters), caller_identity(context)
+                request.model_name,
+                bool(request.parameters),
+                caller_identity(context),
+                load_parameters(request.parameters),
             )
         except ForsetiError as exc:
             await _refuse(context, "RepositoryModelLoad", exc)
