@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -53,7 +54,9 @@ def servers(
     write_config(repo, "queued", QUEUED_CONFIG)
     publish_sealed(repo, "queued", policy_onnx(1), keyring, version=1)
     args = ["--model-control-mode", "explicit", "--load-model", "*"]
-    started = [ServerProcess(repo, keyring_path, args).start() for _ in range(2)]
+    servers = [ServerProcess(repo, keyring_path, args) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:  # started side by side: each waits for its port
+        started = list(pool.map(lambda s: s.start(), servers))
     yield started
     for server in started:
         server.stop()
