@@ -32,7 +32,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 OVERALL = ""  # the whole server, by the health protocol's convention
 
 
-class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+class _HealthServicer(health.aio.HealthServicer):
     """The library's servicer, with two changes. Its Watch forgets a service's condition when
     any one watcher leaves, so the other watchers of that service stop hearing about changes
     (grpc/grpc#43403): the condition is put back while watchers remain. And watches end (OK,
