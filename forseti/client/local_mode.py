@@ -17,7 +17,6 @@ that process can decrypt the models. Use it where the caller is as trusted as th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -31,7 +30,7 @@ import numpy as np
 
 from forseti.client.errors import DecisionRejected
 from forseti.core.errors import ModelLoadError
-from forseti.core.repository.config import CONFIG_FILENAME, ModelSpec, model_spec, read_model_config
+from forseti.core.repository.config import ModelSpec, model_spec, read_model_config
 from forseti.core.repository.layout import (
     DEFAULT_MAX_ARTIFACT_BYTES,
     find_artifact,
@@ -56,21 +55,28 @@ class _Loaded:
     output_names: list[str]
 
 
+def _files(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    found = []
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            st = entry.stat()
+            found.append((entry.name, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(found))
+
+
 def _repository_state(model_dir: Path) -> tuple[object, ...]:
-    """A cheap picture of what would be loaded: the config's bytes and every version folder
-    with its files' sizes and times. A change means: look again."""
+    """A cheap picture of what would be loaded: the files of the model folder (its config,
+    and any record beside it) and of every version folder, by name, size and time. A change
+    means: look again."""
     try:
-        config_digest = hashlib.sha256((model_dir / CONFIG_FILENAME).read_bytes()).hexdigest()
+        top = _files(model_dir)
     except OSError:
-        config_digest = ""
+        return ()
     folders = []
     for number, path in sorted(version_dirs(model_dir).items()):
         with contextlib.suppress(OSError):
-            files = tuple(
-                (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
-            )
-            folders.append((number, tuple(sorted(files))))
-    return (config_digest, tuple(folders))
+            folders.append((number, _files(path)))
+    return (top, tuple(folders))
 
 
 class LocalPolicy:
