@@ -253,6 +253,10 @@ class Server {
   std::atomic<int> inflight_{0};
   std::atomic<uint64_t> native_calls_{0};
   std::atomic<uint64_t> fallback_calls_{0};
+  // Where a native call's time goes (ns, summed): waiting for the GIL, and the whole call
+  // from the parsed request to the encoded answer.
+  std::atomic<uint64_t> gil_wait_ns_{0};
+  std::atomic<uint64_t> native_ns_{0};
 
  private:
   class Service : public grpc::CallbackGenericService {
@@ -580,7 +584,9 @@ Native Call::TryInfer(grpc::Status* status) {
       if (!seen) names.push_back(&out.name());
     }
 
+    const int64_t before_gil = MonotonicNs();
     Gil gil;
+    server_->gil_wait_ns_ += MonotonicNs() - before_gil;
     // A version retired by a swap takes no new request, even before its route is replaced.
     if (r.lv.attr("retired").cast<bool>()) continue;
     if (server_->options_.max_inflight && server_->inflight_.load() >= server_->options_.max_inflight) {
@@ -647,6 +653,7 @@ Native Call::TryInfer(grpc::Status* status) {
       const int64_t end = MonotonicNs();
       r.record_success(end - start, 0, decoded - start, answered - decoded, end - answered, batch, WallMs());
       out_ = std::move(encoded);
+      server_->native_ns_ += end - start;
       return Native::kAnswered;
     } catch (py::error_already_set& e) {
       return Failed(r, *request, e.value(), start, status);
@@ -767,5 +774,7 @@ PYBIND11_MODULE(forseti_native, m) {
       .def("set_routes", &Server::set_routes)
       .def("clear_routes", &Server::clear_routes)
       .def_property_readonly("native_calls", [](Server& s) { return s.native_calls_.load(); })
-      .def_property_readonly("fallback_calls", [](Server& s) { return s.fallback_calls_.load(); });
+      .def_property_readonly("fallback_calls", [](Server& s) { return s.fallback_calls_.load(); })
+      .def_property_readonly("gil_wait_ns", [](Server& s) { return s.gil_wait_ns_.load(); })
+      .def_property_readonly("native_ns", [](Server& s) { return s.native_ns_.load(); });
 }
