@@ -24,6 +24,7 @@ from forseti.client import decision as reasons
 from forseti.client.base import AT_DEADLINE_S, Call, ClientBase
 from forseti.client.decision import Decision
 from forseti.client.endpoints import Endpoint
+from forseti.client.errors import status_of
 from forseti.client.health import health_request, health_unimplemented, is_healthy
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class AsyncDecisionClient(ClientBase):
                 reason = reasons.UNAVAILABLE if tried else reasons.NO_REPLICA
                 return self.fall_back(call, reason, last_error)
             if last_error is not None:
-                self.metrics.retry((last_error.code() or grpc.StatusCode.UNKNOWN).name)
+                self.metrics.retry(status_of(last_error).name)
             tried.append(ep)
             timeout = self.attempt_timeout(ep, remaining, len(tried))
             bounded = timeout >= remaining  # the decision's deadline, not a connect timeout
@@ -207,7 +208,7 @@ class AsyncDecisionClient(ClientBase):
                 if bounded and time.monotonic() >= sent + timeout - AT_DEADLINE_S:
                     # The call ran to its deadline: gRPC's DEADLINE_EXCEEDED, or the server
                     # dropping it at the deadline (UNAVAILABLE), which is no fault of its own.
-                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if status_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED:
                         self.failed(ep, error)
                         self.lateness.observe(time.monotonic() - sent - timeout)
                     return self.fall_back(call, reasons.DEADLINE, error)
@@ -247,7 +248,7 @@ class AsyncDecisionClient(ClientBase):
                         reason = reasons.UNAVAILABLE if tried else reasons.NO_REPLICA
                         return self.fall_back(call, reason, last_error)
                     if last_error is not None:
-                        self.metrics.retry((last_error.code() or grpc.StatusCode.UNKNOWN).name)
+                        self.metrics.retry(status_of(last_error).name)
                     launch(ep, call.deadline - now)
                     continue
                 wake = call.deadline if hedge is not None else min(call.deadline, hedge_at)

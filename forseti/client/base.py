@@ -18,7 +18,13 @@ from forseti.client import decision as reasons
 from forseti.client.credentials import TLSConfig, token_metadata
 from forseti.client.decision import Decision
 from forseti.client.endpoints import Endpoint, ReplicaSet
-from forseti.client.errors import EJECTING, RETRYABLE, ClientConfigError, DecisionRejected
+from forseti.client.errors import (
+    EJECTING,
+    RETRYABLE,
+    ClientConfigError,
+    DecisionRejected,
+    status_of,
+)
 from forseti.client.fallback import Fallback, as_fallback
 from forseti.client.hedging import Hedging
 from forseti.client.local_mode import LocalPolicy
@@ -27,8 +33,6 @@ from forseti.client.wire import decode_outputs, infer_request
 
 log = logging.getLogger(__name__)
 
-# gRPC statuses by their number in a status line, for messages.
-_UNKNOWN = grpc.StatusCode.UNKNOWN
 # tritonclient's channel limits (2 GiB messages), so that whatever it can send, this can.
 MAX_MESSAGE_BYTES = 2**31 - 1
 # An error that comes this close to the deadline is the deadline's doing (a server drops a
@@ -283,7 +287,7 @@ class ClientBase:
 
     def rejected(self, call: Call, error: grpc.RpcError, ep: Endpoint) -> Decision:
         """A non-retryable status: raise DecisionRejected, or fall back when configured."""
-        code = error.code() or _UNKNOWN
+        code = status_of(error)
         if self.fallback_on_rejection and self.fallback is not None:
             return self.fall_back(call, f"{reasons.REJECTED}:{code.name}")
         raise DecisionRejected(error.details() or code.name, code, ep.address)
@@ -292,7 +296,7 @@ class ClientBase:
 
     def failed(self, ep: Endpoint, error: grpc.RpcError) -> grpc.StatusCode:
         """Count a failed attempt on `ep`; eject it when it looks unwell. Returns the code."""
-        code = error.code() or _UNKNOWN
+        code = status_of(error)
         if code == grpc.StatusCode.CANCELLED:
             return code  # this client cancelled it (a hedge lost, the deadline passed)
         self.metrics.replica_error(ep.address, code.name)

@@ -30,3 +30,10 @@ class DecisionRejected(ForsetiError):
     def __init__(self, message: str, code: grpc.StatusCode, endpoint: str) -> None:
         super().__init__(message, code)
         self.endpoint = endpoint
+
+
+def status_of(error: grpc.RpcError) -> grpc.StatusCode:
+    """The status of a failed call (UNKNOWN where the error carries none)."""
+    code = getattr(error, "code", None)
+    status = code() if callable(code) else None
+    return status if isinstance(status, grpc.StatusCode) else grpc.StatusCode.UNKNOWN

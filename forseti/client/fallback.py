@@ -105,7 +105,7 @@ def as_fallback(spec: Any) -> Fallback | None:
     if spec is None:
         return None
     if all(hasattr(spec, m) for m in ("single", "batch", "remember")):
-        return spec  # type: ignore[no-any-return]
+        return spec
     if callable(spec):
         return CallableFallback(spec)
     return FixedAction(spec)
