@@ -158,3 +158,45 @@ def test_replica_addresses_resolve_every_record_of_a_name() -> None:
     with pytest.raises(ReplicaError, match="not host:port"):
         resolve_all("no-port")
     assert json.dumps(records)
+
+
+SPEC = """
+[model]
+name = "cartpole"
+repository = "repo"
+
+[env]
+id = "CartPole-v1"
+n_envs = 2
+
+[algorithm]
+name = "PPO"
+total_timesteps = 1024
+
+[algorithm.hyperparameters]
+n_steps = 64
+
+[server]
+"""
+
+
+def server_spec(tmp_path: Path, lines: str):
+    from forseti.trainer_sidecar.spec import load_spec
+
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC + lines)
+    return load_spec(path).server
+
+
+def test_spec_server_takes_every_replicas_endpoints_or_a_dns_name(tmp_path: Path) -> None:
+    from forseti.trainer_sidecar.spec import SpecError
+
+    spec = server_spec(tmp_path, 'endpoints = ["10.0.0.1:8001", "10.0.0.2:8001"]\n')
+    assert spec.endpoints == ("10.0.0.1:8001", "10.0.0.2:8001")
+    assert server_spec(tmp_path, 'replicas_dns = "forseti-headless:8001"\n').replicas_dns == (
+        "forseti-headless:8001"
+    )
+    with pytest.raises(SpecError, match="not both"):
+        server_spec(tmp_path, 'endpoints = ["a:1"]\nreplicas_dns = "b:2"\n')
+    with pytest.raises(SpecError, match="not host:port"):
+        server_spec(tmp_path, 'endpoints = ["no-port"]\n')
