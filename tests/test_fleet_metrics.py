@@ -41,6 +41,18 @@ parameters {{ key: "forseti.execution" value: {{ string_value: "threaded" }} }}
 """
 
 
+# The same model behind the dynamic batcher: a request fills a batch on its own, so the others
+# wait in the batcher's queue.
+BATCHED_CONFIG = f"""
+name: "slow_batched"
+backend: "onnxruntime"
+max_batch_size: {BATCH}
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {WIDTH} ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {WIDTH} ] }} ]
+dynamic_batching {{ }}
+"""
+
+
 def slow_onnx() -> bytes:
     w = (np.eye(WIDTH, dtype=np.float32) * 0.5).astype(np.float32)
     nodes, prev = [], "x"
@@ -78,26 +90,38 @@ def server(
     build_repository(repo, keyring)
     write_config(repo, "slow", SLOW_CONFIG)
     publish_sealed(repo, "slow", slow_onnx(), keyring, version=1)
+    write_config(repo, "slow_batched", BATCHED_CONFIG)
+    publish_sealed(repo, "slow_batched", slow_onnx(), keyring, version=1)
     proc = ServerProcess(
         repo,
         keyring_path,
-        ["--model-control-mode", "explicit", "--load-model", "policy", "--load-model", "slow"],
+        [
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "policy",
+            "--load-model",
+            "slow",
+            "--load-model",
+            "slow_batched",
+        ],
     ).start()
     yield proc
     proc.stop()
 
 
+@pytest.mark.parametrize("model", ["slow", "slow_batched"])
 def test_pending_request_count_counts_requests_waiting_for_the_model(
-    server: ServerProcess,
+    server: ServerProcess, model: str
 ) -> None:
-    labels = '{model="slow",version="1"}'
+    labels = f'{{model="{model}",version="1"}}'
     assert sample(scrape(server), "nv_inference_pending_request_count", labels) == 0
 
     def call() -> None:
         with server.client() as client:
             x = grpcclient.InferInput("x", [BATCH, WIDTH], "FP32")
             x.set_data_from_numpy(np.ones((BATCH, WIDTH), np.float32))
-            client.infer("slow", [x], client_timeout=120)
+            client.infer(model, [x], client_timeout=120)
 
     calls = [threading.Thread(target=call) for _ in range(8)]
     for t in calls:

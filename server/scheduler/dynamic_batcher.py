@@ -326,6 +326,11 @@ class DynamicBatcher:
                 unaccounted = 0
             offset = end
 
+    def pending_requests(self) -> int:
+        """Requests queued and not yet taken into a batch (Triton's pending request count);
+        read by the /metrics scrape thread, never on the request path."""
+        return sum(1 for q in self._queues for p in list(q) if not p.future.done())
+
     def close(self) -> None:
         """Stop the executors; requests still queued are refused."""
         self._closed = True
