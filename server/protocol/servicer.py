@@ -39,6 +39,7 @@ EXTENSIONS = [
     "model_configuration",
     "schedule_policy",
     "statistics",
+    "classification",
     "forseti_sealed_artifacts",
 ]
 
