@@ -24,6 +24,15 @@ from forseti.core.storage import is_remote
 from forseti.server.audit_trail import AuditTrail
 from forseti.server.dataplane import DEFAULT_DATA_PLANE, DataPlaneError, use_native
 from forseti.server.health import ServingHealth
+from forseti.server.http.routes import HttpLimits, TritonHttpApp
+from forseti.server.http.server import (
+    HttpStartError,
+    TransportLimits,
+    http_control_guard,
+    http_exposure_fixes,
+    http_ssl_context,
+    start_http,
+)
 from forseti.server.inference import InferenceHandler
 from forseti.server.metrics import start_metrics_server
 from forseti.server.model_control import ModelControl
@@ -86,6 +95,15 @@ class ServerOptions:
     allow_unauthenticated_control: bool = False
     # Which data plane owns the gRPC port: "python", "native" or "auto" (server/dataplane).
     data_plane: str = DEFAULT_DATA_PLANE
+    # The HTTP/REST front door (server/http), as Triton's --allow-http/--http-* options;
+    # http_address None: the --grpc-address.
+    allow_grpc: bool = True
+    allow_http: bool = True
+    http_address: str | None = None
+    http_port: int = 8000
+    http_restricted_api: list[str] = field(default_factory=list)
+    http_ssl_cert: Path | None = None
+    http_ssl_key: Path | None = None
 
 
 AUDITED_REFUSALS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload", "RepositoryIndex"})
@@ -248,20 +266,37 @@ async def serve(options: ServerOptions) -> int:
         credentials = grpc_server_credentials(options.grpc_tls)
         restrictions = RestrictedProtocols.from_settings(options.restricted_protocols)
         metrics_tls = metrics_ssl_context(options.metrics_ssl_cert, options.metrics_ssl_key)
+        http_restrictions = RestrictedProtocols.from_settings(
+            options.http_restricted_api, http=True
+        )
+        http_tls = http_ssl_context(options.http_ssl_cert, options.http_ssl_key)
     except (TlsError, RestrictionError) as exc:
         raise StartupError(str(exc)) from None
-    guard = control_guard(options, restrictions)
-    exposed = guard == "none"
+    if not (options.allow_grpc or options.allow_http):
+        raise StartupError("--allow-grpc false and --allow-http false leave nothing to serve")
+    http_address = options.http_address or options.grpc_address
+    guard = control_guard(options, restrictions) if options.allow_grpc else "off"
+    http_guard = "off"
+    if options.allow_http:
+        http_guard = http_control_guard(options.control_mode, http_address, http_restrictions)
+    exposed = "none" in (guard, http_guard)
     if exposed:
-        exposure = (
-            f"--model-control-mode explicit on --grpc-address {options.grpc_address} with no "
-            f"restriction: anyone who reaches port {options.grpc_port} can load and unload "
-            "models (RepositoryModelLoad/Unload)"
-        )
-        if not options.allow_unauthenticated_control:
-            raise StartupError(
-                f"refusing to start: {exposure}. To fix it, {control_exposure_fixes()}"
+        if guard == "none":
+            exposure = (
+                f"--model-control-mode explicit on --grpc-address {options.grpc_address} with "
+                f"no restriction: anyone who reaches port {options.grpc_port} can load and "
+                "unload models (RepositoryModelLoad/Unload)"
             )
+            fixes = control_exposure_fixes()
+        else:
+            exposure = (
+                f"--model-control-mode explicit on --http-address {http_address} with no "
+                f"restriction: anyone who reaches port {options.http_port} can load and "
+                "unload models (POST /v2/repository/models/<model>/load, /unload)"
+            )
+            fixes = http_exposure_fixes()
+        if not options.allow_unauthenticated_control:
+            raise StartupError(f"refusing to start: {exposure}. To fix it, {fixes}")
         log.warning(
             "unauthenticated model control (--allow-unauthenticated-control): "
             f"{exposure}; each control call's audit record carries unauthenticated_control"
@@ -338,14 +373,40 @@ async def serve(options: ServerOptions) -> int:
     await service.health.refresh()  # NOT_SERVING until the start-up load is done
     address = f"{options.grpc_address}:{options.grpc_port}"
     try:
-        if credentials is None:
+        if not options.allow_grpc:
+            pass  # the servicer still answers the HTTP front door; no gRPC port
+        elif credentials is None:
             server.add_insecure_port(address)
         else:
             server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {address}: {exc}") from None
     await server.start()
-    log.info("grpc listening", extra={"address": address, "tls": options.grpc_tls.mode})
+    if options.allow_grpc:
+        log.info("grpc listening", extra={"address": address, "tls": options.grpc_tls.mode})
+    http_door = None
+    if options.allow_http:
+        http_app = TritonHttpApp(
+            service.servicer(),
+            http_restrictions,
+            HttpLimits(max_body_bytes=options.max_request_bytes),
+            audit_refusal,
+        )
+        try:
+            http_door = await start_http(
+                http_app,
+                http_address,
+                options.http_port,
+                http_tls,
+                TransportLimits(max_connections=options.max_concurrent_rpcs or 1 << 30),
+            )
+        except HttpStartError as exc:
+            await server.stop(None)
+            raise StartupError(str(exc)) from None
+        log.info(
+            "http listening",
+            extra={"address": f"{http_address}:{options.http_port}", "tls": http_tls is not None},
+        )
     if options.allow_metrics:
         try:
             start_metrics_server(
@@ -375,6 +436,8 @@ async def serve(options: ServerOptions) -> int:
         control_mode=options.control_mode,
         models=registry.model_names()[:64],
         control_guard=guard,
+        http_address=f"{http_address}:{options.http_port}" if options.allow_http else "off",
+        http_control_guard=http_guard,
         **unauthenticated,
     )
     log.info(
@@ -389,6 +452,7 @@ async def serve(options: ServerOptions) -> int:
     if options.control_mode == "poll":
         poller = asyncio.create_task(service.watcher.run(options.poll_secs))
     token_watch = asyncio.create_task(restrictions.watch_files())
+    http_token_watch = asyncio.create_task(http_restrictions.watch_files())
 
     await stop.wait()
     state.stopping = True
@@ -401,12 +465,17 @@ async def serve(options: ServerOptions) -> int:
             await asyncio.wait_for(stop.wait(), options.drain_secs)
     log.info("stopping: finishing running requests", extra={"grace_s": options.exit_timeout_secs})
     service.health.close()
-    for task in (poller, token_watch):
+    for task in (poller, token_watch, http_token_watch):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    await server.stop(options.exit_timeout_secs)
+    if http_door is None:
+        await server.stop(options.exit_timeout_secs)
+    else:
+        await asyncio.gather(
+            server.stop(options.exit_timeout_secs), http_door.stop(options.exit_timeout_secs)
+        )
     registry.release_all()
     if audit.enabled:
         await audit.flush()  # counts still in their window

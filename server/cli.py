@@ -24,7 +24,14 @@ def serve_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model-repository", type=Path, required=True, help="repository folder")
+    p.add_argument(
+        "--model-repository",
+        type=_repository,
+        required=True,
+        help="repository folder, or an object store: s3://bucket/prefix, "
+        "s3://host:port/bucket/prefix (credentials and endpoint from the AWS environment, "
+        "AWS_ENDPOINT_URL included), gs://, az://",
+    )
     p.add_argument(
         "--keyring",
         type=Path,
@@ -43,6 +50,7 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grpc-address", default="0.0.0.0", help="address to listen on")
     p.add_argument("--grpc-port", type=int, default=8001)
+    _add_http_flags(p)
     _add_security_flags(p)
     p.add_argument("--metrics-address", default="127.0.0.1", help="metrics bind address")
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -171,14 +179,6 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
         help="PEM certificate of the CA that signs client certificates (mutual TLS)",
     )
     p.add_argument(
-        "--allow-unauthenticated-control",
-        action="store_true",
-        help="start even though model control (--model-control-mode explicit) is reachable "
-        "on a non-loopback --grpc-address with neither a model-repository token "
-        "(--grpc-restricted-protocol model-repository:...) nor mutual TLS; without it that "
-        "setup is refused. Logged as a warning, and on every control call's audit record",
-    )
-    p.add_argument(
         "--data-plane",
         choices=("python", "native", "auto"),
         default=os.environ.get("FORSETI_DATA_PLANE", "python"),
@@ -186,6 +186,14 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
         "one (`make native` builds it; ModelInfer for onnxruntime models runs in C++, "
         "everything else in Python), or auto: native when it is built, else python; "
         "$FORSETI_DATA_PLANE sets the default",
+    )
+    p.add_argument(
+        "--allow-unauthenticated-control",
+        action="store_true",
+        help="start even though model control (--model-control-mode explicit) is reachable "
+        "on a non-loopback --grpc-address with neither a model-repository token "
+        "(--grpc-restricted-protocol model-repository:...) nor mutual TLS; without it that "
+        "setup is refused. Logged as a warning, and on every control call's audit record",
     )
     p.add_argument(
         "--grpc-restricted-protocol",
@@ -198,6 +206,37 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
         "re-read when it changes), env:VAR, or a literal token (visible in ps). Repeatable; "
         "a protocol may be in one group only",
     )
+
+
+def _repository(text: str) -> Path | str:
+    """A folder path, or an object-store URL kept as written (a Path would fold its "//")."""
+    from forseti.core.storage import is_remote
+
+    return text if is_remote(text) else Path(text)
+
+
+def _add_http_flags(p: argparse.ArgumentParser) -> None:
+    """Triton's HTTP/REST endpoint options (KServe v2 REST: server/http)."""
+    p.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC")
+    p.add_argument(
+        "--allow-http", type=_bool, default=True, metavar="BOOL", help="serve HTTP/REST"
+    )
+    p.add_argument(
+        "--http-address",
+        default=None,
+        help="HTTP/REST bind address (default: the --grpc-address)",
+    )
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument(
+        "--http-restricted-api",
+        action="append",
+        default=[],
+        metavar="APIS:KEY=VALUE",
+        help="require the HTTP header KEY on requests to these APIs (the groups of "
+        "--grpc-restricted-protocol); VALUE is @FILE, env:VAR or a literal token. Repeatable",
+    )
+    p.add_argument("--http-ssl-cert", type=Path, help="serve HTTP over TLS: PEM certificate")
+    p.add_argument("--http-ssl-key", type=Path, help="PEM private key of --http-ssl-cert")
 
 
 def _bool(text: str) -> bool:
@@ -245,6 +284,13 @@ def main_serve(argv: list[str]) -> int:
             root_cert=args.grpc_root_cert,
         ),
         restricted_protocols=args.grpc_restricted_protocol,
+        allow_grpc=args.allow_grpc,
+        allow_http=args.allow_http,
+        http_address=args.http_address,
+        http_port=args.http_port,
+        http_restricted_api=args.http_restricted_api,
+        http_ssl_cert=args.http_ssl_cert,
+        http_ssl_key=args.http_ssl_key,
         allow_unauthenticated_control=args.allow_unauthenticated_control,
         data_plane=args.data_plane,
         metrics_ssl_cert=args.metrics_ssl_cert,

@@ -36,11 +36,17 @@ class ServerProcess:
     headers: dict[str, str] | None = None
     grpc_port: int = 0
     metrics_port: int = 0
+    http_port: int = 0
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Where tritonclient.http connects (the HTTP/REST front door)."""
+        return f"127.0.0.1:{self.http_port}"
 
     @property
     def pid(self) -> int:
@@ -56,6 +62,7 @@ class ServerProcess:
         if not (same_ports and self.grpc_port):
             self.grpc_port = free_port()
             self.metrics_port = free_port()
+            self.http_port = free_port()
         args = [
             sys.executable,
             "-m",
@@ -69,6 +76,8 @@ class ServerProcess:
             str(self.grpc_port),
             "--metrics-port",
             str(self.metrics_port),
+            "--http-port",
+            str(self.http_port),
             # No drain unless a test asks for one (extra_args come later and win): a stop
             # would otherwise wait the default drain in every test.
             "--drain-seconds",
@@ -151,6 +160,8 @@ def serve_args(repository: Path, keyring: Path, *extra: str) -> list[str]:
         "--grpc-port",
         str(free_port()),
         "--metrics-port",
+        str(free_port()),
+        "--http-port",
         str(free_port()),
         *extra,
     ]

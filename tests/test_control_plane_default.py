@@ -107,6 +107,8 @@ def test_public_address_with_a_model_repository_token_starts_and_refuses_anonymo
             "0.0.0.0",
             *EXPLICIT,
             f"--grpc-restricted-protocol=model-repository:admin=@{tokens}",
+            # the HTTP front door on the same address needs its own guard
+            f"--http-restricted-api=model-repository:admin=@{tokens}",
             "--audit-log",
             str(tmp_path / "audit.jsonl"),
         ],
@@ -197,6 +199,8 @@ def test_public_address_with_mutual_tls_starts(
             str(certs.server.key),
             "--grpc-root-cert",
             str(certs.ca),
+            "--allow-http",  # mutual TLS guards gRPC only
+            "false",
             "--audit-log",
             str(audit),
         ],

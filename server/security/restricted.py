@@ -184,8 +184,17 @@ class ProtocolGroup:
         return matched
 
 
-def parse_restriction(setting: str, env: Mapping[str, str] | None = None) -> ProtocolGroup:
-    """Parse `<protocols>:<key>=<value>`; the value is `@FILE`, `env:VAR` or a literal token."""
+def parse_restriction(
+    setting: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    header_prefix: str = HEADER_PREFIX,
+    flag: str = "--grpc-restricted-protocol",
+) -> ProtocolGroup:
+    """Parse `<protocols>:<key>=<value>`; the value is `@FILE`, `env:VAR` or a literal token.
+
+    The header is `header_prefix` + key: `triton-grpc-protocol-<key>` for gRPC, the key
+    itself for HTTP (`--http-restricted-api`, `flag` in messages), as in Triton."""
     env = os.environ if env is None else env
     head, colon, assignment = setting.partition(":")
     key, equals, value = assignment.partition("=")
@@ -194,7 +203,7 @@ def parse_restriction(setting: str, env: Mapping[str, str] | None = None) -> Pro
     shown = f"{head}:{key}" if colon and equals else head
     if not colon or not equals:
         raise RestrictionError(
-            f"--grpc-restricted-protocol '{shown}...': expected "
+            f"{flag} '{shown}...': expected "
             "<protocol>[,<protocol>...]:<key>=<@token-file | env:VAR | token>"
         )
     protocols = tuple(p.strip() for p in head.split(","))
@@ -204,15 +213,15 @@ def parse_restriction(setting: str, env: Mapping[str, str] | None = None) -> Pro
                 f"unknown restricted protocol '{protocol}'; known: {', '.join(PROTOCOLS)}"
             )
     if len(set(protocols)) != len(protocols):
-        raise RestrictionError(f"--grpc-restricted-protocol '{shown}' lists a protocol twice")
+        raise RestrictionError(f"{flag} '{shown}' lists a protocol twice")
     key = key.strip().lower()
     if not _KEY.fullmatch(key) or key.endswith("-bin"):
         raise RestrictionError(
-            f"--grpc-restricted-protocol '{shown}': the key must be lowercase letters, digits, "
+            f"{flag} '{shown}': the key must be lowercase letters, digits, "
             "'-', '_' or '.' (it becomes the header triton-grpc-protocol-<key>)"
         )
     label = ",".join(protocols)
-    header = HEADER_PREFIX + key
+    header = header_prefix + key
     if value.startswith("@"):
         path = Path(value[1:]).expanduser()
         digests, stamp = _read_token_file(path)
@@ -221,7 +230,7 @@ def parse_restriction(setting: str, env: Mapping[str, str] | None = None) -> Pro
         name = value[4:]
         if not name or name not in env:
             raise RestrictionError(
-                f"--grpc-restricted-protocol '{shown}': environment variable '{name}' is not set"
+                f"{flag} '{shown}': environment variable '{name}' is not set"
             )
         digests = _parse_tokens(env[name], f"environment variable {name}")
         return ProtocolGroup(label, protocols, header, f"env {name}", digests)
@@ -256,10 +265,22 @@ class RestrictedProtocols:
 
     @classmethod
     def from_settings(
-        cls, settings: Iterable[str], env: Mapping[str, str] | None = None
+        cls,
+        settings: Iterable[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        http: bool = False,
     ) -> RestrictedProtocols:
-        """From the `--grpc-restricted-protocol` values, in order."""
-        restrictions = cls([parse_restriction(s, env) for s in settings])
+        """From the `--grpc-restricted-protocol` values (`--http-restricted-api` with `http`:
+        the header is the key itself), in order."""
+        if http:
+            groups = [
+                parse_restriction(s, env, header_prefix="", flag="--http-restricted-api")
+                for s in settings
+            ]
+        else:
+            groups = [parse_restriction(s, env) for s in settings]
+        restrictions = cls(groups)
         for group in restrictions.groups:
             log.info(
                 "restricted protocol group",
@@ -413,6 +434,12 @@ class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
         return _refusal(
             handler, handler_call_details.method, group, presented is None, self.on_refused
         )
+
+
+def mark_token_group(label: str) -> None:
+    """Record, for the current call's task, the group whose token authorised it (the HTTP
+    front door's twin of what the interceptor does)."""
+    _TOKEN_GROUP.set(label)
 
 
 # ---- who is calling ---------------------------------------------------------------------

@@ -1,0 +1,321 @@
+"""KServe v2 REST bodies <-> the protobuf messages the gRPC front door uses.
+
+An HTTP inference request (JSON, or JSON followed by binary tensors as Triton's binary data
+extension sends them) becomes a `ModelInferRequest` with every tensor in
+`raw_input_contents`, so it reaches the same handler, validation and error texts as a gRPC
+call. The `ModelInferResponse` comes back as JSON, or JSON followed by binary outputs where
+the request asked for them (`binary_data_output`, or an output's `binary_data`).
+
+Only what is specific to the wire format is checked here: the JSON itself, the binary
+section's sizes, and whether a tensor's `data` holds values of its datatype; shapes, byte
+sizes, names and datatypes against the model's config are checked by the shared decoder.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from google.protobuf.message import Message
+from tritonclient.grpc import service_pb2 as pb
+
+from forseti.core.datatypes import BY_NAME
+from forseti.core.errors import InvalidArgument
+
+INFER_HEADER = "inference-header-content-length"
+_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+_INT_KINDS = "iub"  # numpy kinds an integer tensor's JSON values may parse to (bools are ints)
+_FLOAT_KINDS = "iubf"
+
+
+def dumps(obj: object) -> bytes:
+    """JSON bytes of `obj` (numpy arrays serialised natively)."""
+    return orjson.dumps(obj, option=_DUMPS_OPTIONS)
+
+
+def parse_json(data: bytes | memoryview, what: str) -> Any:
+    """Parse a JSON body; InvalidArgument naming `what` when it is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"failed to parse the {what} as JSON: {exc}") from None
+
+
+def _object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return value
+
+
+def _set_parameter(target: Any, key: str, value: object, where: str) -> None:
+    """One JSON parameter into an InferParameter map (bool, int, float or string)."""
+    p = target[key]
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidArgument(f"{where} parameter '{key[:64]}' is out of range")
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    elif isinstance(value, str):
+        p.string_param = value
+    else:
+        raise InvalidArgument(f"{where} parameter '{key[:64]}' must be a boolean, number or string")
+
+
+def _parameters(value: object, what: str) -> dict[str, Any]:
+    return {} if value is None else _object(value, f"'parameters' of {what}")
+
+
+def _shape(value: object, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in value
+    ):
+        raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers")
+    if any(not -(2**63) <= d < 2**63 for d in value):
+        raise InvalidArgument(f"input '{name}': 'shape' has a dimension out of range")
+    return value
+
+
+def _bytes_elements(data: list[Any], name: str) -> bytes:
+    """BYTES tensor values from JSON strings, in Triton's serialised form (each element a
+    4-byte little-endian length and its bytes)."""
+    flat: list[Any] = []
+    stack = [iter(data)]  # no recursion: the nesting depth is the client's
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            flat.append(v)
+        else:
+            stack.pop()
+    out = bytearray()
+    for v in flat:
+        if not isinstance(v, str):
+            raise InvalidArgument(f"input '{name}': BYTES data must be strings")
+        raw = v.encode("utf-8")
+        out += struct.pack("<I", len(raw))
+        out += raw
+    return bytes(out)
+
+
+def _json_tensor_bytes(data: object, datatype: str, shape: list[int], name: str) -> bytes:
+    """The raw bytes of a tensor given as JSON `data` (nested or flat) of `datatype`."""
+    if not isinstance(data, list):
+        raise InvalidArgument(f"input '{name}': 'data' must be a JSON array")
+    if datatype == "BYTES":
+        return _bytes_elements(data, name)
+    ttype = BY_NAME.get(datatype)
+    if ttype is None:
+        return b""  # the shared check names the unknown datatype
+    try:
+        values = np.array(data)
+    except ValueError:
+        raise InvalidArgument(
+            f"input '{name}': 'data' is not a regular array of {datatype} values"
+        ) from None
+    kinds = _FLOAT_KINDS if ttype.dtype.kind == "f" else _INT_KINDS
+    if values.size and values.dtype.kind not in kinds:
+        raise InvalidArgument(f"input '{name}': 'data' holds values that are not {datatype}")
+    if values.size != math.prod(shape):
+        raise InvalidArgument(
+            f"input '{name}' has {values.size} values in 'data', its shape {shape} needs "
+            f"{math.prod(shape)}"
+        )
+    if ttype.dtype.kind in "iu" and values.size:
+        info = np.iinfo(ttype.dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise InvalidArgument(f"input '{name}' has values out of range for {datatype}")
+    return values.astype(ttype.dtype, copy=False).tobytes()
+
+
+@dataclass
+class HttpInferRequest:
+    """A decoded HTTP inference request: the protobuf request, and how each output goes back."""
+
+    request: pb.ModelInferRequest
+    binary_outputs: bool = False  # the request's `binary_data_output`
+    output_binary: dict[str, bool] = field(default_factory=dict)  # per output `binary_data`
+
+    def wants_binary(self, output: str) -> bool:
+        return self.output_binary.get(output, self.binary_outputs)
+
+
+def decode_infer(
+    body: bytes, header_length: int | None, model: str, version: str
+) -> HttpInferRequest:
+    """Decode an infer body; `header_length` is the Inference-Header-Content-Length value."""
+    view = memoryview(body)
+    if header_length is None:
+        header, binary = view, view[:0]
+    else:
+        if not 0 <= header_length <= len(body):
+            raise InvalidArgument(
+                f"Inference-Header-Content-Length {header_length} is outside the body of "
+                f"{len(body)} bytes"
+            )
+        header, binary = view[:header_length], view[header_length:]
+    doc = _object(parse_json(header, "inference request header"), "the inference request")
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    rid = doc.get("id")
+    if rid is not None:
+        if not isinstance(rid, str):
+            raise InvalidArgument("'id' must be a string")
+        request.id = rid
+    decoded = HttpInferRequest(request)
+    for key, value in _parameters(doc.get("parameters"), "the request").items():
+        if key == "binary_data_output":
+            if not isinstance(value, bool):
+                raise InvalidArgument("parameter 'binary_data_output' must be a boolean")
+            decoded.binary_outputs = value
+        else:
+            _set_parameter(request.parameters, key, value, "request")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list):
+        raise InvalidArgument("the inference request must have an 'inputs' array")
+    offset = 0
+    raw = request.raw_input_contents
+    for item in inputs:
+        tensor = _object(item, "each of 'inputs'")
+        name = tensor.get("name")
+        datatype = tensor.get("datatype")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InvalidArgument("each input needs a string 'name' and 'datatype'")
+        shape = _shape(tensor.get("shape"), name[:64])
+        out = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        size: object = None
+        for key, value in _parameters(tensor.get("parameters"), f"input '{name[:64]}'").items():
+            if key == "binary_data_size":
+                size = value
+            else:
+                _set_parameter(out.parameters, key, value, f"input '{name[:64]}'")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidArgument(
+                    f"input '{name[:64]}': 'binary_data_size' must be a non-negative integer"
+                )
+            if "data" in tensor:
+                raise InvalidArgument(
+                    f"input '{name[:64]}' has both 'data' and 'binary_data_size'; send it one way"
+                )
+            if offset + size > len(binary):
+                raise InvalidArgument(
+                    f"input '{name[:64]}' needs {size} bytes of binary data, "
+                    f"{len(binary) - offset} are left after the request header"
+                )
+            raw.append(binary[offset : offset + size].tobytes())
+            offset += size
+        elif "data" in tensor:
+            raw.append(_json_tensor_bytes(tensor["data"], datatype, shape, name[:64]))
+        else:
+            raise InvalidArgument(f"input '{name[:64]}' has neither 'data' nor binary data")
+    if offset != len(binary):
+        raise InvalidArgument(
+            f"the request has {len(binary) - offset} bytes of binary data that no input claims"
+        )
+    outputs = doc.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise InvalidArgument("'outputs' must be an array")
+        for item in outputs:
+            wanted = _object(item, "each of 'outputs'")
+            name = wanted.get("name")
+            if not isinstance(name, str):
+                raise InvalidArgument("each requested output needs a string 'name'")
+            out = request.outputs.add(name=name)
+            for key, value in _parameters(
+                wanted.get("parameters"), f"output '{name[:64]}'"
+            ).items():
+                if key == "binary_data":
+                    if not isinstance(value, bool):
+                        raise InvalidArgument(
+                            f"output '{name[:64]}': 'binary_data' must be a boolean"
+                        )
+                    decoded.output_binary[name] = value
+                else:
+                    _set_parameter(out.parameters, key, value, f"output '{name[:64]}'")
+    return decoded
+
+
+def _parameter_value(p: pb.InferParameter) -> object:
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def _bytes_values(raw: bytes) -> list[str]:
+    values = []
+    offset = 0
+    while offset + 4 <= len(raw):
+        (n,) = struct.unpack_from("<I", raw, offset)
+        values.append(raw[offset + 4 : offset + 4 + n].decode("utf-8", "replace"))
+        offset += 4 + n
+    return values
+
+
+def encode_infer(
+    response: pb.ModelInferResponse, decoded: HttpInferRequest
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it."""
+    outputs: list[dict[str, object]] = []
+    binary: list[bytes] = []
+    raw = response.raw_output_contents
+    for i, out in enumerate(response.outputs):
+        data = raw[i] if i < len(raw) else b""
+        entry: dict[str, object] = {
+            "name": out.name,
+            "datatype": out.datatype,
+            "shape": list(out.shape),
+        }
+        if decoded.wants_binary(out.name):
+            entry["parameters"] = {"binary_data_size": len(data)}
+            binary.append(data)
+        elif out.datatype == "BYTES":
+            entry["data"] = _bytes_values(data)
+        else:
+            dtype = BY_NAME[out.datatype].dtype
+            values = np.frombuffer(data, dtype=dtype)
+            # orjson writes numpy arrays itself, except float16
+            entry["data"] = values.tolist() if dtype == np.float16 else values
+        outputs.append(entry)
+    doc: dict[str, object] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    if response.id:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = {k: _parameter_value(v) for k, v in response.parameters.items()}
+    doc["outputs"] = outputs
+    header = dumps(doc)
+    if not binary:
+        return header, None
+    return b"".join([header, *binary]), len(header)
+
+
+def plain(message: Message) -> dict[str, Any]:
+    """A protobuf message as a JSON-ready dict with every field, integers as numbers (the
+    form Triton's HTTP answers use for metadata, statistics and the repository index)."""
+    out: dict[str, Any] = {}
+    for f in message.DESCRIPTOR.fields:
+        value = getattr(message, f.name)
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            out[f.name] = {k: plain(v) if isinstance(v, Message) else v for k, v in value.items()}
+        elif f.label == f.LABEL_REPEATED:
+            out[f.name] = [plain(v) if isinstance(v, Message) else v for v in value]
+        elif f.message_type is not None:
+            out[f.name] = plain(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def parameters_dict(parameters: Mapping[str, pb.InferParameter]) -> dict[str, object]:
+    """A protobuf parameter map as plain JSON values."""
+    return {k: _parameter_value(v) for k, v in parameters.items()}

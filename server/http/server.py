@@ -1,0 +1,228 @@
+"""The HTTP front door's transport: uvicorn's httptools protocol on the server's own asyncio
+loop (beside grpc.aio, one process, one registry), with the limits a public endpoint needs.
+
+uvicorn was chosen by measurement (docs/http.md): the fastest of the stacks that can share the
+loop. Its `Server.serve()` would install its own signal handlers, so the server is driven
+through `startup()` / `shutdown()`, with forseti's own signal handling in charge.
+
+Limits beyond the application's (body size and body time, routes.py): a client must finish
+its request line and headers within `head_timeout_s` of starting them (or of connecting),
+and they may be at most `max_head_bytes` long; an idle keep-alive connection is closed after
+`keep_alive_s`; more than `max_connections` connections and requests at once get 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from forseti.server.http.routes import TritonHttpApp
+from forseti.server.security.restricted import RestrictedProtocols
+from forseti.server.security.tls import TlsError, is_loopback, load_server_pair
+
+log = logging.getLogger(__name__)
+
+
+class HttpStartError(Exception):
+    """The HTTP endpoint cannot start; the message says why."""
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    head_timeout_s: float = 30.0
+    max_head_bytes: int = 64 * 1024
+    keep_alive_s: int = 300
+    max_connections: int = 4096  # connections and running requests (uvicorn's limit_concurrency)
+
+
+def _reply(transport: asyncio.BaseTransport, status: bytes, message: bytes) -> None:
+    """Write a JSON error and close: used where no ASGI cycle exists yet."""
+    body = b'{"error":"' + message + b'"}'
+    assert isinstance(transport, asyncio.WriteTransport)
+    transport.write(
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+    )
+    transport.close()
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+def protocol_class(limits: TransportLimits) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, bounded in the time and size of a request's head."""
+
+    class BoundedProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(limits.head_timeout_s, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                log.info("http client too slow to send its request head; closed")
+                _reply(self.transport, b"408 Request Timeout", b"request head not received in time")
+
+        def _count(self, n: int) -> None:
+            self._head_bytes += n
+            if self._head_bytes > limits.max_head_bytes:
+                if not self.transport.is_closing():
+                    _reply(
+                        self.transport,
+                        b"431 Request Header Fields Too Large",
+                        b"request line and headers are larger than %d bytes"
+                        % limits.max_head_bytes,
+                    )
+                raise _HeadTooLarge  # stops the parser; uvicorn then closes the connection
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+            self._arm()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return BoundedProtocol
+
+
+def http_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """TLS 1.2+ server context for --http-ssl-cert/--http-ssl-key; None without them."""
+    if cert is None and key is None:
+        return None
+    load_server_pair(cert, key, "--http-ssl-cert", "--http-ssl-key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(f"--http-ssl-cert {cert}: {exc.__class__.__name__}") from None
+    return context
+
+
+def _bind(address: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = infos[0][0]
+        return socket.create_server((address.strip("[]"), port), family=family, backlog=2048)
+    except OSError as exc:
+        raise HttpStartError(
+            f"cannot listen on {address}:{port} for HTTP: {exc.strerror or exc}"
+        ) from None
+
+
+class HttpFrontDoor:
+    """A started HTTP endpoint; `stop()` drains it."""
+
+    def __init__(self, server: uvicorn.Server, sock: socket.socket, ticker: asyncio.Task[None]):
+        self.server = server
+        self.sock = sock
+        self.ticker = ticker
+
+    @property
+    def port(self) -> int:
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, let running requests finish for up to `grace_s`, close."""
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.ticker
+        self.server.config.timeout_graceful_shutdown = max(1, int(grace_s))
+        await self.server.shutdown(sockets=[self.sock])
+
+
+async def start_http(
+    app: TritonHttpApp,
+    address: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    limits: TransportLimits | None = None,
+) -> HttpFrontDoor:
+    """Listen on address:port and serve `app` on the running loop."""
+    limits = limits or TransportLimits()
+    sock = _bind(address, port)
+    factory: Callable[[Any, Any], ssl.SSLContext] | None = None
+    if tls is not None:
+        context = tls
+        factory = lambda _config, _default: context  # noqa: E731
+    config = uvicorn.Config(
+        app,
+        http=protocol_class(limits),
+        interface="asgi3",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        ws="none",
+        timeout_keep_alive=limits.keep_alive_s,
+        limit_concurrency=limits.max_connections,
+        ssl_context_factory=factory,
+    )
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)  # what serve() would set; "off" here
+    await server.startup(sockets=[sock])
+    ticker = asyncio.create_task(server.main_loop())
+    return HttpFrontDoor(server, sock, ticker)
+
+
+def http_control_guard(control_mode: str, address: str, restrictions: RestrictedProtocols) -> str:
+    """What keeps callers who reach the HTTP port from changing the served models: "mode"
+    (none and poll modes refuse load/unload), "token" (the model-repository API group needs
+    a header), "loopback", or "none"."""
+    if control_mode != "explicit":
+        return "mode"
+    if any("model-repository" in group.protocols for group in restrictions.groups):
+        return "token"
+    if is_loopback(address):
+        return "loopback"
+    return "none"
+
+
+def http_exposure_fixes() -> str:
+    """The ways out of an HTTP endpoint that exposes model control, for the refusal."""
+    return (
+        "add a token to its model-repository API group "
+        "(--http-restricted-api=model-repository:<header>=@<token-file>), or bind it to "
+        "loopback (--http-address 127.0.0.1), or turn it off (--allow-http false); "
+        "--allow-unauthenticated-control accepts the risk and serves it anyway"
+    )
