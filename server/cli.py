@@ -218,9 +218,7 @@ def _repository(text: str) -> Path | str:
 def _add_http_flags(p: argparse.ArgumentParser) -> None:
     """Triton's HTTP/REST endpoint options (KServe v2 REST: server/http)."""
     p.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC")
-    p.add_argument(
-        "--allow-http", type=_bool, default=True, metavar="BOOL", help="serve HTTP/REST"
-    )
+    p.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL", help="serve HTTP/REST")
     p.add_argument(
         "--http-address",
         default=None,

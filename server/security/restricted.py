@@ -229,9 +229,7 @@ def parse_restriction(
     if value.startswith("env:"):
         name = value[4:]
         if not name or name not in env:
-            raise RestrictionError(
-                f"{flag} '{shown}': environment variable '{name}' is not set"
-            )
+            raise RestrictionError(f"{flag} '{shown}': environment variable '{name}' is not set")
         digests = _parse_tokens(env[name], f"environment variable {name}")
         return ProtocolGroup(label, protocols, header, f"env {name}", digests)
     log.warning(
