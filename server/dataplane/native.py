@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
-Handler = grpc.RpcMethodHandler  # type: ignore[type-arg]
+# grpc's stubs type method handlers as synchronous; on an aio server their behaviours are
+# coroutines and async generators, so the fallback reads them untyped.
+Handler = Any
 
 
 class _CallDetails(grpc.HandlerCallDetails):
@@ -66,6 +69,14 @@ class FallbackContext:
         self._auth = auth
         self.code_: grpc.StatusCode | None = None
         self.details_ = ""
+        # For server-streaming handlers that send with `await context.write(message)` (the
+        # grpc.health.v1 servicer's Watch) instead of yielding.
+        self.writer: Callable[[Any], None] | None = None
+
+    async def write(self, message: Any) -> None:
+        if self.writer is None:
+            raise RuntimeError("write() on a call that does not stream its responses")
+        self.writer(message)
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[Any] = ()
@@ -120,6 +131,18 @@ async def _one(item: Any) -> AsyncIterator[Any]:
 async def _none() -> AsyncIterator[Any]:
     return
     yield
+
+
+async def _responses(behaviour: Any) -> AsyncIterator[Any]:
+    """What a streaming behaviour sends: it is an async generator, or a coroutine that
+    returns (or aborts, as a refusal does) having sent its messages with context.write."""
+    if inspect.isawaitable(behaviour):
+        result = await behaviour
+        if result is not None:
+            yield result
+        return
+    async for item in behaviour:
+        yield item
 
 
 def eligible(lv: LoadedVersion) -> bool:
@@ -352,7 +375,7 @@ class NativeGrpcServer:
 
         chain: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]] = last
         for interceptor in reversed(self._interceptors):
-            chain = functools.partial(interceptor.intercept_service, chain)  # type: ignore[assignment]
+            chain = functools.partial(interceptor.intercept_service, chain)
         return await chain(details)
 
     async def _serve(
@@ -372,7 +395,8 @@ class NativeGrpcServer:
                 handler = self._lookup(method)
                 assert handler is not None and handler.stream_stream is not None
                 request = handler.request_deserializer(payload)
-                async for response in handler.stream_stream(_one(request), context):
+                context.writer = lambda m: link.write(handler.response_serializer(m))
+                async for response in _responses(handler.stream_stream(_one(request), context)):
                     link.write(handler.response_serializer(response))
                 link.resume()
                 return
@@ -384,7 +408,7 @@ class NativeGrpcServer:
                 if handler is self._lookup(method):
                     link.resume()
                     return
-                async for _ in handler.stream_stream(_none(), context):
+                async for _ in _responses(handler.stream_stream(_none(), context)):
                     pass
                 link.answer(grpc.StatusCode.OK.value[0], "")
                 return
@@ -396,7 +420,8 @@ class NativeGrpcServer:
                 else:
                     link.answer(0, "", handler.response_serializer(response))
             elif handler.unary_stream is not None:
-                async for response in handler.unary_stream(request, context):
+                context.writer = lambda m: link.write(handler.response_serializer(m))
+                async for response in _responses(handler.unary_stream(request, context)):
                     link.write(handler.response_serializer(response))
                 code = context.code_ or grpc.StatusCode.OK
                 link.answer(code.value[0], context.details_)
