@@ -104,6 +104,7 @@ class ServerOptions:
     http_restricted_api: list[str] = field(default_factory=list)
     http_ssl_cert: Path | None = None
     http_ssl_key: Path | None = None
+    http_request_timeout_secs: float = 30.0  # to send a request's head, and its body
 
 
 AUDITED_REFUSALS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload", "RepositoryIndex"})
@@ -389,7 +390,10 @@ async def serve(options: ServerOptions) -> int:
         http_app = TritonHttpApp(
             service.servicer(),
             http_restrictions,
-            HttpLimits(max_body_bytes=options.max_request_bytes),
+            HttpLimits(
+                max_body_bytes=options.max_request_bytes,
+                body_timeout_s=options.http_request_timeout_secs,
+            ),
             audit_refusal,
         )
         try:
@@ -398,7 +402,10 @@ async def serve(options: ServerOptions) -> int:
                 http_address,
                 options.http_port,
                 http_tls,
-                TransportLimits(max_connections=options.max_concurrent_rpcs or 1 << 30),
+                TransportLimits(
+                    head_timeout_s=options.http_request_timeout_secs,
+                    max_connections=options.max_concurrent_rpcs or 1 << 30,
+                ),
             )
         except HttpStartError as exc:
             await server.stop(None)

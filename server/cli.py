@@ -235,6 +235,13 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--http-ssl-cert", type=Path, help="serve HTTP over TLS: PEM certificate")
     p.add_argument("--http-ssl-key", type=Path, help="PEM private key of --http-ssl-cert")
+    p.add_argument(
+        "--http-request-timeout-secs",
+        type=float,
+        default=30.0,
+        help="time an HTTP client has to send a request's line and headers, and again its "
+        "body; a slower one gets 408 and is disconnected",
+    )
 
 
 def _bool(text: str) -> bool:
@@ -289,6 +296,7 @@ def main_serve(argv: list[str]) -> int:
         http_restricted_api=args.http_restricted_api,
         http_ssl_cert=args.http_ssl_cert,
         http_ssl_key=args.http_ssl_key,
+        http_request_timeout_secs=args.http_request_timeout_secs,
         allow_unauthenticated_control=args.allow_unauthenticated_control,
         data_plane=args.data_plane,
         metrics_ssl_cert=args.metrics_ssl_cert,
