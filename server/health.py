@@ -77,14 +77,20 @@ class ServingHealth:
         self.state = state
         self.servicer = _HealthServicer()
         self._lock = asyncio.Lock()
+        self._refreshing: set[asyncio.Task[None]] = set()
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Serve grpc.health.v1.Health on `server`."""
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def on_event(self, event: LifecycleEvent) -> None:
-        if not isinstance(event, VersionReleased):  # a release changes nothing that serves
-            await self.refresh()
+        if isinstance(event, VersionReleased):  # a release changes nothing that serves
+            return
+        # In a task of its own: the library writes to Watch streams while holding a status's
+        # lock, so a watcher that reads slowly must not hold up the load that emitted this.
+        task = asyncio.get_running_loop().create_task(self.refresh())
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     async def refresh(self) -> None:
         """Set every status from what the registry serves now (a no-op once draining)."""
