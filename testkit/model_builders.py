@@ -8,9 +8,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from forseti.core.repository.publish import publish_version
+from forseti.core.repository.manifest import commit_manifest, file_hashes, sha256_hex, with_version
+from forseti.core.repository.publish import publish_model_version, publish_version
 from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.seal_repository import write_model_manifest
 from forseti.core.sealing.sealed import seal_bytes
+from forseti.core.storage import open_storage
 
 OBS_DIM = 8
 N_ACTIONS = 4
@@ -151,14 +154,65 @@ def publish_sealed(
     keyring: Keyring,
     version: int | None = None,
     filename: str = "model.onnx",
+    manifest_keyring: Keyring | None = None,
 ) -> int:
-    """Seal `model` for the version being claimed and publish it atomically."""
+    """Seal `model` for the version being claimed, publish it atomically and commit it in the
+    model's manifest, authenticating the config.pbtxt found there (as the operator holding
+    the key would with `forseti publish`). `manifest_keyring`, when given, commits the
+    manifest with another keyring than the one that seals (an artifact sealed with a key the
+    server lacks, in a manifest it trusts)."""
 
     def files(number: int) -> dict[str, bytes]:
         blob = seal_bytes(model, keyring, model=name, version=number, filename=filename)
         return {filename + ".sealed": blob}
 
-    return publish_version(repo / name, files, version=version)
+    config = repo / name / "config.pbtxt"
+    if manifest_keyring is not None:
+        number = publish_version(repo / name, files, version=version)
+        config_sha = sha256_hex(config.read_bytes())
+        commit_manifest(
+            open_storage(repo),
+            name,
+            manifest_keyring,
+            lambda m: with_version(
+                m, name, config_sha, number, file_hashes({filename: model}), "test"
+            ),
+        )
+        return number
+    if not config.is_file():
+        # No config to authenticate (a test of the folder layout alone): publish the files.
+        return publish_version(repo / name, files, version=version)
+    published = publish_model_version(
+        open_storage(repo),
+        name,
+        {filename: model},
+        keyring=keyring,
+        adopt_config=True,
+        version=version,
+    )
+    return published.version
+
+
+def commit_version(
+    repo: Path, name: str, version: int, keyring: Keyring, plaintext: dict[str, bytes]
+) -> int:
+    """Commit `version` in `name`'s manifest as if `plaintext` had been published there,
+    without touching the version folder (for tests that put a faulty folder there by hand);
+    returns the manifest's serial."""
+    config_sha = sha256_hex((repo / name / "config.pbtxt").read_bytes())
+    hashes = file_hashes(plaintext)
+    return commit_manifest(
+        open_storage(repo),
+        name,
+        keyring,
+        lambda m: with_version(m, name, config_sha, version, hashes, "test"),
+    ).serial
+
+
+def authenticate_model(repo: Path, name: str, keyring: Keyring) -> int:
+    """Write `name`'s manifest from what its folder holds now (what `forseti seal` does for
+    every model); returns the manifest's serial. For tests that edit a model by hand."""
+    return write_model_manifest(open_storage(repo), name, keyring, reason="test").serial
 
 
 def build_repository(repo: Path, keyring: Keyring) -> None:

@@ -29,7 +29,7 @@ from forseti.exporters.onnx_export import export_onnx
 from forseti.exporters.parity import rollout_observations, sample_observations
 from forseti.exporters.policy_description import PolicyDescription, describe_policy
 from forseti.server.backends.gguf_backend import GGUFPolicyBackend
-from testkit.model_builders import publish_sealed, write_config
+from testkit.model_builders import authenticate_model, publish_sealed, write_config
 from testkit.server_process import ServerProcess
 
 GGUF = "model.gguf"
@@ -443,6 +443,7 @@ def test_policy_sealed_in_chunked_format_2_is_served(
         return {GGUF + ".sealed": out.getvalue()}
 
     publish_version(repository / "chunked", files, version=1)
+    authenticate_model(repository, "chunked", keyring)
     server = start_server(repository, "--model-control-mode", "explicit", "--load-model", "chunked")
     client = grpcclient.InferenceServerClient(server.url)
     obs = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)

@@ -145,7 +145,8 @@ def test_rotate_adds_a_newest_key_and_keeps_the_old_ones(own_keyring: Path) -> N
 
 def test_scan_counts_sealed_files_per_key(own_repo: Path, own_keyring: Path) -> None:
     usage = scan_key_usage([own_repo])
-    assert usage.counts() == {Keyring.load(own_keyring).newest.key_id: 3}
+    # three artifacts and the three models' manifests (they need the key too)
+    assert usage.counts() == {Keyring.load(own_keyring).newest.key_id: 6}
 
 
 def test_retire_is_refused_while_artifacts_need_the_key(
@@ -162,7 +163,7 @@ def test_retire_is_refused_while_artifacts_need_the_key(
         retire_key(own_keyring, old, [own_repo, other])
 
     message = str(info.value)
-    assert f"still needed by 3 sealed file(s) (3 in {own_repo})" in message
+    assert f"still needed by 6 sealed file(s) (6 in {own_repo})" in message
     assert "forseti reseal" in message
     assert own_keyring.read_bytes() == before
 
@@ -209,7 +210,7 @@ def test_keys_retire_command_exits_1_naming_count_and_repository(
     result = run_forseti("keys", "retire", str(own_keyring), old, "--repository", str(own_repo))
 
     assert result.returncode == 1
-    assert f"needed by 3 sealed file(s) (3 in {own_repo})" in result.stderr
+    assert f"needed by 6 sealed file(s) (6 in {own_repo})" in result.stderr
     assert old in Keyring.load(own_keyring).key_ids
 
 
@@ -219,7 +220,7 @@ def test_keys_list_shows_ids_and_usage_but_no_secret(own_repo: Path, own_keyring
     result = run_forseti("keys", "list", str(own_keyring), "--repository", str(own_repo))
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(old) and "3 sealed file(s)" in lines[0]
+    assert lines[0].startswith(old) and "6 sealed file(s)" in lines[0]
     assert "0 sealed file(s) (newest: seals)" in lines[1]
     secrets_b64 = [e["secret"] for e in json.loads(own_keyring.read_text())["keys"]]
     assert not any(s in result.stdout for s in secrets_b64)

@@ -53,7 +53,9 @@ def test_reseal_moves_every_artifact_to_the_newest_key_and_each_still_opens(
     report = reseal_repository(own_repo, Keyring.load(own_keyring))
 
     assert len(report.resealed) == 3 and not report.problems
-    assert scan_key_usage([own_repo]).counts() == {new_key.key_id: 3}
+    # three artifacts and the three models' manifests
+    assert len(report.manifests) == 3
+    assert scan_key_usage([own_repo]).counts() == {new_key.key_id: 6}
     for path, data in plain.items():
         assert open_sealed(path.read_bytes(), only_new, **_binding(path)) == data
 
@@ -119,7 +121,14 @@ def test_reseal_keeps_file_modes_and_leaves_no_temporary_files(
 def test_a_file_whose_key_is_not_in_the_keyring_is_reported_and_the_rest_resealed(
     own_repo: Path, own_keyring: Path
 ) -> None:
-    publish_sealed(own_repo, "policy", policy_onnx(2), Keyring.generate(), version=2)
+    publish_sealed(
+        own_repo,
+        "policy",
+        policy_onnx(2),
+        Keyring.generate(),
+        version=2,
+        manifest_keyring=Keyring.load(own_keyring),
+    )
     foreign = own_repo / "policy" / "2" / "model.onnx.sealed"
     foreign_bytes = foreign.read_bytes()
     rotate_keyring(own_keyring)
@@ -189,7 +198,14 @@ def test_reseal_command_reports_each_file_and_exits_1_on_problems(
         "simple",
     ]
 
-    publish_sealed(own_repo, "policy", policy_onnx(2), Keyring.generate(), version=2)
+    publish_sealed(
+        own_repo,
+        "policy",
+        policy_onnx(2),
+        Keyring.generate(),
+        version=2,
+        manifest_keyring=Keyring.load(own_keyring),
+    )
     failed = run_forseti("reseal", "--keyring", str(own_keyring), str(own_repo))
     assert failed.returncode == 1
     assert "policy/2/model.onnx.sealed: unknown key id" in failed.stderr
@@ -243,7 +259,8 @@ def test_rotate_reseal_retire_under_steady_decision_calls_then_restart_still_ser
             "keys", "retire", str(own_keyring), old_key, "--repository", str(own_repo)
         )
         assert refused.returncode == 1
-        assert f"needed by 7 sealed file(s) (7 in {own_repo})" in refused.stderr
+        # seven artifacts and the three models' manifests
+        assert f"needed by 10 sealed file(s) (10 in {own_repo})" in refused.stderr
 
         resealed = run_forseti("reseal", "--keyring", str(own_keyring), str(own_repo))
         assert resealed.returncode == 0, resealed.stderr

@@ -21,10 +21,12 @@ import tritonclient.grpc as grpcclient
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
 
+from forseti.core.repository.manifest import MANIFEST_NAME
 from forseti.core.sealing.keyring import Keyring
 from testkit.model_builders import (
     POLICY_CONFIG,
     all_types_onnx,
+    commit_version,
     policy_onnx,
     publish_sealed,
     simple_onnx,
@@ -85,19 +87,24 @@ def _truncated(repo: Path, keyring: Keyring) -> None:
 def _v1_copied_to_v2(repo: Path, keyring: Keyring) -> None:
     (repo / "policy" / "2").mkdir()
     shutil.copyfile(repo / "policy" / "1" / SEALED, repo / "policy" / "2" / SEALED)
+    commit_version(repo, "policy", 2, keyring, {"model.onnx": policy_onnx(2)})
 
 
 def _other_keyring(repo: Path, keyring: Keyring) -> None:
-    publish_sealed(repo, "policy", policy_onnx(2), Keyring.generate(), version=2)
+    publish_sealed(
+        repo, "policy", policy_onnx(2), Keyring.generate(), version=2, manifest_keyring=keyring
+    )
 
 
 def _plaintext(repo: Path, keyring: Keyring) -> None:
     (repo / "policy" / "2").mkdir()
     (repo / "policy" / "2" / "model.onnx").write_bytes(policy_onnx(2))
+    commit_version(repo, "policy", 2, keyring, {"model.onnx": policy_onnx(2)})
 
 
 def _missing_artifact(repo: Path, keyring: Keyring) -> None:
     (repo / "policy" / "2").mkdir()
+    commit_version(repo, "policy", 2, keyring, {"model.onnx": policy_onnx(2)})
 
 
 def _onnx_disagrees_with_config(repo: Path, keyring: Keyring) -> None:
@@ -143,12 +150,15 @@ def test_faulty_v2_is_refused_with_reason_and_v1_keeps_serving(
         client.close()
 
 
-def test_sealed_file_copied_into_another_model_is_refused(repository: Path, start_server) -> None:
+def test_sealed_file_copied_into_another_model_is_refused(
+    repository: Path, keyring: Keyring, start_server
+) -> None:
     """Same version number, same file name, same ONNX that fits: only the model name
     bound into the seal differs, and that alone must refuse it."""
     write_config(repository, "policy_b", POLICY_CONFIG.replace('"policy"', '"policy_b"'))
     (repository / "policy_b" / "1").mkdir()
     shutil.copyfile(repository / "policy" / "1" / SEALED, repository / "policy_b" / "1" / SEALED)
+    commit_version(repository, "policy_b", 1, keyring, {"model.onnx": policy_onnx(1)})
     server = start_server(repository, "--model-control-mode", "explicit", "--load-model", "policy")
     client = grpcclient.InferenceServerClient(server.url)
     try:
@@ -179,9 +189,11 @@ def test_wrong_keyring_leaves_every_model_unavailable_and_server_live_not_ready(
         # Startup loading is over once the server logs that it is up.
         wait_for(lambda: "server ready" in server.log(), what="the startup load to finish")
         for name in ("policy", "simple", "all_types"):
-            entry = index_entries(client, name)["1"]
+            # The model manifest, sealed with the key the server lacks, is refused first: the
+            # model as a whole (no version) is unavailable.
+            entry = index_entries(client, name)[""]
             assert entry["state"] == "UNAVAILABLE", name
-            assert "unknown key id" in entry["reason"], entry
+            assert "model manifest refused: unknown key id" in entry["reason"], entry
             assert not client.is_model_ready(name)
         assert client.is_server_live()
         assert not client.is_server_ready()
@@ -222,6 +234,9 @@ def test_invalid_and_missing_config_are_reported_while_policy_serves(
 
 
 def test_allow_plaintext_serves_an_unsealed_model(repository: Path, start_server) -> None:
+    # A plain Triton model: no manifest, so its config and version folders decide (as in
+    # Triton), which --allow-plaintext accepts.
+    (repository / "policy" / MANIFEST_NAME).unlink()
     (repository / "policy" / "2").mkdir()
     (repository / "policy" / "2" / "model.onnx").write_bytes(policy_onnx(2))
     server = start_server(

@@ -23,7 +23,13 @@ from tritonclient.utils import InferenceServerException
 
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import seal_bytes
-from testkit.model_builders import POLICY_CONFIG, policy_onnx, publish_sealed, write_config
+from testkit.model_builders import (
+    POLICY_CONFIG,
+    authenticate_model,
+    policy_onnx,
+    publish_sealed,
+    write_config,
+)
 from testkit.server_process import ServerProcess
 
 THREADS = 4
@@ -144,11 +150,12 @@ def full_log(server: ServerProcess) -> str:
 
 
 @pytest.fixture(params=["inline", "threaded"])
-def execution(request: pytest.FixtureRequest, repository: Path) -> str:
+def execution(request: pytest.FixtureRequest, repository: Path, keyring: Keyring) -> str:
     """Run policy on the event loop (inline) or on a worker thread (threaded), where
     requests are really in flight on the old version while it is swapped out."""
     choice = f'{{ key: "forseti.execution" value: {{ string_value: "{request.param}" }} }}'
     write_config(repository, "policy", POLICY_CONFIG + f"parameters {choice}\n")
+    authenticate_model(repository, "policy", keyring)  # the operator's new config, with the key
     return request.param
 
 
@@ -271,7 +278,7 @@ def test_poll_ignores_a_hidden_publish_folder(repository: Path, poll_server: Ser
         client.close()
 
 
-def test_poll_refuses_a_half_written_version_and_keeps_the_live_one(
+def test_poll_never_loads_a_version_folder_the_manifest_does_not_commit(
     repository: Path, keyring: Keyring, poll_server: ServerProcess
 ) -> None:
     client = grpcclient.InferenceServerClient(poll_server.url)
@@ -279,28 +286,27 @@ def test_poll_refuses_a_half_written_version_and_keeps_the_live_one(
         with traffic(poll_server) as t:
             publish_sealed(repository, "policy", policy_onnx(2), keyring)
             wait_for(lambda: t.all_saw(2), what="every thread to see v2")
-            # A copy straight into a visible numeric folder (no hidden folder, no rename)
-            # that stopped half way through the file.
+            # A copy straight into a visible numeric folder (no hidden folder, no rename, no
+            # manifest update) that stopped half way through the file.
             blob = seal_bytes(
                 policy_onnx(3), keyring, model="policy", version=3, filename="model.onnx"
             )
             (repository / "policy" / "3").mkdir()
             (repository / "policy" / "3" / SEALED).write_bytes(blob[: len(blob) // 2])
             wait_for(
-                lambda: index_entries(client, "policy").get("3", {}).get("state") == "UNAVAILABLE",
-                what="v3 to be refused",
+                lambda: "version folder not in the model manifest" in poll_server.log(),
+                what="v3 to be ignored",
             )
             t.wait_calls(20)
         assert_consistent_and_monotone(t, [1, 2])
         entries = index_entries(client, "policy")
-        assert entries["3"]["reason"]
-        assert entries["2"]["state"] == "READY"
+        assert "3" not in entries and entries["2"]["state"] == "READY"
         assert infer_policy(client) == (2, 2)
     finally:
         client.close()
 
 
-def test_poll_loads_a_half_written_version_once_its_file_is_complete(
+def test_poll_loads_a_hand_copied_version_once_the_key_holder_commits_it(
     repository: Path, keyring: Keyring, poll_server: ServerProcess
 ) -> None:
     blob = seal_bytes(policy_onnx(2), keyring, model="policy", version=2, filename="model.onnx")
@@ -309,12 +315,15 @@ def test_poll_loads_a_half_written_version_once_its_file_is_complete(
     client = grpcclient.InferenceServerClient(poll_server.url)
     try:
         wait_for(
-            lambda: index_entries(client, "policy").get("2", {}).get("state") == "UNAVAILABLE",
-            what="the half-written v2 to be refused",
+            lambda: "version folder not in the model manifest" in poll_server.log(),
+            what="the half-written v2 to be ignored",
         )
         with traffic(poll_server) as t:
             (repository / "policy" / "2" / SEALED).write_bytes(blob)
-            wait_for(lambda: t.all_saw(2), what="every thread to see the completed v2")
+            t.wait_calls(5)
+            assert t.all_saw(1) and not any(c.last_version >= 2 for c in t.callers)
+            authenticate_model(repository, "policy", keyring)  # what `forseti seal` does
+            wait_for(lambda: t.all_saw(2), what="every thread to see the committed v2")
             t.wait_calls(5)
         assert_consistent_and_monotone(t, [1, 2])
         assert {k: e["state"] for k, e in index_entries(client, "policy").items()} == {"2": "READY"}

@@ -5,28 +5,59 @@ Every change to the routing table happens on the event-loop thread; the slow par
 version loader, and the new version map replaces the old one in a single assignment once they
 are done. Requests hold the version they started on, which drains before it is released.
 Observers (the audit log, encoders) hear about every change through the lifecycle hooks.
+
+What a model serves is decided by its config and its version set. In a sealed repository both
+are authenticated by the model manifest (forseti.core.repository.manifest): a config whose
+hash differs is refused, version folders it does not list are ignored, an older manifest than
+one already accepted is refused, and a listed version that vanished keeps serving from memory
+rather than letting the model fall back to an older one. A model without a manifest is served
+as Triton serves it only with --allow-plaintext.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tritonclient.grpc import model_config_pb2 as mc
+
 from forseti.core.errors import ModelLoadError, NotFound, shown
-from forseti.core.repository.config import ModelSpec, model_spec, read_model_config
+from forseti.core.repository.config import (
+    CONFIG_FILENAME,
+    ModelSpec,
+    model_spec,
+    parse_config_text,
+)
 from forseti.core.repository.layout import (
     DEFAULT_MAX_ARTIFACT_BYTES,
     is_hidden,
-    list_models,
     select_versions,
-    version_dirs,
+)
+from forseti.core.repository.listing import (
+    ModelListing,
+    VersionListing,
+    list_model,
+    list_model_names,
+)
+from forseti.core.repository.manifest import (
+    CREATE_HINT,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    ManifestError,
+    ModelManifest,
+    open_manifest,
+    sha256_hex,
 )
 from forseti.core.sealing.keyring import Keyring
+from forseti.core.storage import Storage, StorageError, StorageNotFound, open_storage
+from forseti.server.registry.autocomplete import complete_platform, may_complete
 from forseti.server.registry.lifecycle import (
     LifecycleHooks,
     ModelLoadFailed,
@@ -50,6 +81,32 @@ from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)
 
+# A label file (one class label a line) is read whole; past this it is refused.
+MAX_LABEL_BYTES = 16 * 1024 * 1024
+
+
+class RepositoryUnavailable(ModelLoadError):
+    """The repository's storage could not be read (an object store that errors or times out):
+    nothing changed, and the next poll tries again."""
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What one load works from: the checked config, the versions to serve, and where they
+    are (the listing), with the manifest entry of each when the model has a manifest."""
+
+    spec: ModelSpec
+    wanted: list[int]
+    config_digest: str
+    listing: ModelListing
+    manifest: ModelManifest | None
+
+
+# How long a remote repository's model names are trusted by in_repository (which the request
+# path calls for a model it does not know): at most one listing per interval, whatever the
+# traffic asks for.
+_NAMES_TTL_S = 2.0
+
 
 @dataclass(frozen=True)
 class IndexItem:
@@ -64,20 +121,33 @@ class ModelRegistry:
 
     def __init__(
         self,
-        repository: Path,
+        repository: Path | str | Storage,
         keyring: Keyring | None,
         allow_plaintext: bool,
         max_batch_size: int = 4096,
         hooks: LifecycleHooks | None = None,
         max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
     ) -> None:
-        self.repository = repository
+        self.storage = repository if isinstance(repository, Storage) else open_storage(repository)
+        # The folder (a Path) or the URL: what logs and audit records name.
+        self.repository: Path | str = self.storage.local_root() or self.storage.location
+        self.keyring = keyring
+        self.allow_plaintext = allow_plaintext
         self.max_batch_size = max_batch_size
         self.loader = VersionLoader(keyring, allow_plaintext, max_artifact_bytes)
         self.hooks = hooks if hooks is not None else LifecycleHooks()
         self.routing = RoutingTable(self.in_repository)
         # Statistics outlive reloads: a version keeps its counters across swaps.
         self.stats: dict[tuple[str, int], VersionStats] = {}
+        # The highest manifest serial accepted per model in this process: an older manifest
+        # (a copy put back) is refused.
+        self.accepted_serial: dict[str, int] = {}
+        # Config overrides of explicit loads (Triton's "config" load parameter), by model.
+        self.config_overrides: dict[str, mc.ModelConfig] = {}
+        self._unlisted_warned: set[tuple[str, int]] = set()
+        self._names: tuple[float, frozenset[str]] = (-_NAMES_TTL_S, frozenset())
+        # Polls whose listing of the repository failed (forseti_repository_poll_errors_total).
+        self.poll_errors = 0
 
     # ---- request path -------------------------------------------------------------------
 
@@ -89,63 +159,206 @@ class ModelRegistry:
         """The repository has a model folder of this name."""
         if not name or is_hidden(name) or "/" in name or "\x00" in name:
             return False
-        try:
-            return (self.repository / name).is_dir()
-        except OSError:  # e.g. a name longer than the file system allows
-            return False
+        root = self.storage.local_root()
+        if root is not None:
+            try:
+                return (root / name).is_dir()
+            except OSError:  # e.g. a name longer than the file system allows
+                return False
+        at, names = self._names
+        if time.monotonic() - at > _NAMES_TTL_S:
+            with contextlib.suppress(StorageError):  # the store is down: keep the last names
+                names = frozenset(list_model_names(self.storage))
+            self._names = (time.monotonic(), names)
+        return name in names
+
+    def model_names_in_repository(self) -> list[str]:
+        """Model folders in the repository now (one listing of its root)."""
+        names = list_model_names(self.storage)
+        self._names = (time.monotonic(), frozenset(names))
+        return names
 
     # ---- loading and swapping -----------------------------------------------------------
 
-    async def load_model(self, name: str, force: bool = False) -> None:
+    async def load_model(
+        self,
+        name: str,
+        force: bool = False,
+        listing: ModelListing | None = None,
+        config_override: mc.ModelConfig | None = None,
+    ) -> None:
         """Load (or reload) a model's versions by its version policy and swap them in.
 
+        `listing` is the poll's listing of the model, when it has one (saves listing again).
+        `config_override` (Triton's load with a "config" parameter) replaces the repository's
+        config for this load and later reloads, until a load without one.
         Raises ModelLoadError when anything failed; whatever was live before keeps serving.
         """
-        if not self.in_repository(name):
+        if listing is None and not self.in_repository(name):
             raise NotFound(f"model '{shown(name)}' is not in the model repository")
+        if config_override is not None:
+            self.config_overrides[name] = config_override
+        elif listing is None:
+            self.config_overrides.pop(name, None)
         entry = self.routing.entry(name)
         async with entry.lock:
             entry.wanted = True
-            await self._load_locked(entry, force)
+            await self._load_locked(entry, force, listing)
 
-    async def _read_config(self, entry: ModelEntry) -> tuple[ModelSpec, list[int], str]:
-        """The model's checked config, the versions its policy asks for, the config digest."""
-        model_dir = self.repository / entry.name
+    def _read_plan(self, name: str, listing: ModelListing | None) -> LoadPlan:
+        """List (unless given), read and check the config and the manifest; pick the versions.
+        Runs in a worker thread (storage calls block)."""
         try:
-            config = await asyncio.to_thread(read_model_config, model_dir)
-            spec = model_spec(config, entry.name)
-            if spec.max_batch_size > self.max_batch_size:
+            if listing is None:
+                listing = list_model(self.storage, name)
+            config_bytes = (
+                self.storage.read(listing.config.key, max_bytes=MAX_MANIFEST_BYTES)
+                if listing.config is not None
+                else None
+            )
+            manifest = self._manifest(name, listing)
+            if config_bytes is None:
+                if manifest is not None:
+                    raise ModelLoadError(f"missing {CONFIG_FILENAME} in model folder")
+                # A plaintext model without a config is served from the config completed
+                # from the model, as Triton does (auto-complete).
+                config_bytes = b""
+        except StorageNotFound:
+            raise ModelLoadError(
+                f"{CONFIG_FILENAME} or {MANIFEST_NAME} vanished while it was read"
+            ) from None
+        except StorageError as exc:
+            log.warning("cannot read the repository", extra={"model": name, "detail": str(exc)})
+            raise RepositoryUnavailable(
+                f"cannot read the model repository ({type(exc).__name__})"
+            ) from None
+        if manifest is not None and sha256_hex(config_bytes) != manifest.config_sha256:
+            raise ModelLoadError(
+                f"{CONFIG_FILENAME} is not the one the model manifest authenticates (changed "
+                f"without the key?); refused. To serve it: {CREATE_HINT}"
+            )
+        try:
+            text = config_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelLoadError(f"cannot read {CONFIG_FILENAME}: UnicodeDecodeError") from None
+        config = self.config_overrides.get(name) or parse_config_text(text, name)
+        complete_platform(
+            config,
+            [f for v in sorted(listing.versions, reverse=True) for f in listing.versions[v].files],
+        )
+        spec = model_spec(config, name, complete_later=may_complete(config))
+        spec = self._with_labels(name, spec)
+        if spec.max_batch_size > self.max_batch_size:
+            raise ModelLoadError(
+                f"max_batch_size {spec.max_batch_size} exceeds the server's limit "
+                f"{self.max_batch_size} (--max-batch-size)"
+            )
+        if manifest is not None:
+            self._warn_unlisted(name, listing, manifest)
+            available = sorted(manifest.versions)
+            if manifest.pin is not None:
+                wanted = list(manifest.pin)
+            else:
+                wanted = select_versions(config.version_policy, available)
+        else:
+            remote = self.storage.local_root() is None
+            available = sorted(
+                v for v, vl in listing.versions.items() if vl.committed or not remote
+            )
+            wanted = select_versions(config.version_policy, available)
+        if not wanted:
+            raise ModelLoadError(
+                "no version folder matches the version_policy"
+                if available
+                else "no version folders"
+            )
+        digest = hashlib.sha256(config.SerializeToString(deterministic=True)).hexdigest()
+        if manifest is not None:
+            self.accepted_serial[name] = max(self.accepted_serial.get(name, 0), manifest.serial)
+        return LoadPlan(spec, wanted, digest, listing, manifest)
+
+    def _with_labels(self, name: str, spec: ModelSpec) -> ModelSpec:
+        """The spec with its outputs' class labels (label_filename, in the model folder)."""
+        labels: dict[str, tuple[str, ...]] = {}
+        for out in spec.outputs.values():
+            if not out.label_filename:
+                continue
+            try:
+                data = self.storage.read(f"{name}/{out.label_filename}", max_bytes=MAX_LABEL_BYTES)
+                labels[out.name] = tuple(data.decode("utf-8").splitlines())
+            except (StorageError, UnicodeDecodeError) as exc:
                 raise ModelLoadError(
-                    f"max_batch_size {spec.max_batch_size} exceeds the server's limit "
-                    f"{self.max_batch_size} (--max-batch-size)"
-                )
-            available = version_dirs(model_dir)
-            wanted = select_versions(config.version_policy, list(available))
-            if not wanted:
+                    f"output '{out.name}': cannot read label_filename '{out.label_filename}' "
+                    f"({type(exc).__name__})"
+                ) from None
+        return dataclasses.replace(spec, labels=labels) if labels else spec
+
+    def _manifest(self, name: str, listing: ModelListing) -> ModelManifest | None:
+        """The model's manifest, authenticated; None for a plaintext model (when allowed)."""
+        if listing.manifest is None:
+            if name in self.accepted_serial:
                 raise ModelLoadError(
-                    "no version folder matches the version_policy"
-                    if available
-                    else "no version folders"
+                    f"the model manifest ({MANIFEST_NAME}) was removed after serial "
+                    f"{self.accepted_serial[name]} was accepted; refused"
                 )
+            if self.allow_plaintext:
+                return None
+            missing = f"missing {CONFIG_FILENAME} and " if listing.config is None else ""
+            raise ModelLoadError(f"{missing}no model manifest ({MANIFEST_NAME}); {CREATE_HINT}")
+        if self.keyring is None:
+            raise ModelLoadError(
+                f"the model has a sealed manifest ({MANIFEST_NAME}) but the server has no --keyring"
+            )
+        blob = self.storage.read(listing.manifest.key, max_bytes=MAX_MANIFEST_BYTES)
+        try:
+            manifest = open_manifest(blob, self.keyring, name)
+        except ManifestError as exc:
+            raise ModelLoadError(str(exc)) from None
+        accepted = self.accepted_serial.get(name, 0)
+        if manifest.serial < accepted:
+            raise ModelLoadError(
+                f"model manifest serial {manifest.serial} is older than serial {accepted} "
+                "already accepted (an earlier copy put back?); refused"
+            )
+        return manifest
+
+    def _warn_unlisted(self, name: str, listing: ModelListing, manifest: ModelManifest) -> None:
+        for v in sorted(set(listing.versions) - set(manifest.versions)):
+            if (name, v) in self._unlisted_warned:
+                continue
+            self._unlisted_warned.add((name, v))
+            log.warning(
+                "version folder not in the model manifest; ignored (being published, or "
+                "added without the key)",
+                extra={"model": name, "version": v},
+            )
+
+    async def _plan(self, entry: ModelEntry, listing: ModelListing | None) -> LoadPlan:
+        """The load plan; on refusal the live versions keep serving and say why."""
+        try:
+            return await asyncio.to_thread(self._read_plan, entry.name, listing)
         except ModelLoadError as exc:
             entry.reason = exc.reason
+            for v in entry.versions:
+                entry.status[v] = VersionStatus(
+                    READY, f"reload refused, this version keeps serving: {exc.reason}"
+                )
             log.warning("model load failed", extra={"model": entry.name, "reason": exc.reason})
             await self.hooks.emit(ModelLoadFailed(entry.name, exc.reason))
             raise
-        digest = hashlib.sha256(config.SerializeToString(deterministic=True)).hexdigest()
-        return spec, wanted, digest
 
     async def _load_version(
-        self, entry: ModelEntry, spec: ModelSpec, v: int, config_digest: str
+        self, entry: ModelEntry, plan: LoadPlan, v: int, listed: VersionListing
     ) -> LoadedVersion:
         """Open and build one version; raises ModelLoadError (already reported) on refusal."""
         seen: dict[str, str] = {}
+        spec, config_digest = plan.spec, plan.config_digest
+        expected = plan.manifest.versions.get(v) if plan.manifest is not None else None
         if v not in entry.versions:
             entry.status[v] = VersionStatus(LOADING)
         try:
-            version_dir = self.repository / entry.name / str(v)
             opened = await asyncio.to_thread(
-                self.loader.open, spec, version_dir, v, config_digest, seen
+                self.loader.open, spec, self.storage, listed, v, config_digest, seen, expected
             )
             stats = self.stats.setdefault((entry.name, v), VersionStats())
             lv = self.loader.build(spec, v, opened, stats)
@@ -164,19 +377,42 @@ class ModelRegistry:
         await self.hooks.emit(VersionLoaded(entry.name, v, lv.digest, opened.key_id, config_digest))
         return lv
 
-    async def _load_locked(self, entry: ModelEntry, force: bool) -> None:
-        spec, wanted, config_digest = await self._read_config(entry)
+    async def _load_locked(
+        self, entry: ModelEntry, force: bool, listing: ModelListing | None
+    ) -> None:
+        plan = await self._plan(entry, listing)
         new_map: dict[int, LoadedVersion] = {}
         failures: dict[int, str] = {}
-        for v in wanted:
+        notes: dict[int, str] = {}
+        for v in plan.wanted:
             existing = entry.versions.get(v)
+            listed = plan.listing.versions.get(v)
+            if listed is None:
+                # Listed in the manifest but gone from the repository: never fall back to an
+                # older version because of that; what is loaded keeps serving.
+                if existing is not None:
+                    new_map[v] = existing
+                    notes[v] = (
+                        "version folder missing from the repository; the loaded copy keeps serving"
+                    )
+                    log.warning(
+                        "committed version missing from the repository; keeps serving",
+                        extra={"model": entry.name, "version": v},
+                    )
+                else:
+                    failures[v] = (
+                        "missing artifact: the version is committed in the model manifest "
+                        "but not found in the repository"
+                    )
+                    entry.status[v] = VersionStatus(UNAVAILABLE, failures[v])
+                continue
             if existing is not None and not force:
-                current = self.loader.fingerprint(self.repository / entry.name / str(v), spec)
-                if existing.fingerprint == (config_digest, current):
+                current = self.loader.fingerprint(listed, plan.spec)
+                if existing.fingerprint == (plan.config_digest, current):
                     new_map[v] = existing
                     continue
             try:
-                new_map[v] = await self._load_version(entry, spec, v, config_digest)
+                new_map[v] = await self._load_version(entry, plan, v, listed)
             except ModelLoadError as exc:
                 failures[v] = exc.reason
                 if existing is not None:
@@ -194,7 +430,7 @@ class ModelRegistry:
         for v in new_map:
             # A version whose reload failed keeps serving its previous load; say so.
             reason = f"reload failed, previous load serving: {failures[v]}" if v in failures else ""
-            entry.status[v] = VersionStatus(READY, reason)
+            entry.status[v] = VersionStatus(READY, notes.get(v, reason))
         if failures:
             summary = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
             entry.reason = summary if not entry.versions else ""
@@ -229,7 +465,7 @@ class ModelRegistry:
 
     async def load_all(self) -> None:
         """Load every model in the repository; failures are recorded, never fatal."""
-        for name in list_models(self.repository):
+        for name in self.model_names_in_repository():
             with contextlib.suppress(ModelLoadError, NotFound):
                 await self.load_model(name)
 
@@ -256,7 +492,11 @@ class ModelRegistry:
 
     def index(self, ready_only: bool) -> Iterator[IndexItem]:
         models = self.routing.models
-        names = sorted(set(list_models(self.repository)) | set(models))
+        try:
+            listed = set(self.model_names_in_repository())
+        except StorageError:
+            listed = set()  # the store is down: the index still shows what is loaded
+        names = sorted(listed | set(models))
         for name in names:
             entry = models.get(name)
             if entry is None or (not entry.status and not entry.versions):

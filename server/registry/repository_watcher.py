@@ -1,22 +1,25 @@
-"""Poll mode: watch the repository and reload models whose folder changed.
+"""Poll mode: watch the repository and reload models whose listing changed.
 
-A poll compares what each model folder looks like (the config file and every version folder's
-files: inode, size, mtime) with what the last poll saw; a changed model is reloaded through the
-registry, a removed one is unloaded.
+A poll lists the repository's root once and each model's prefix once (one LIST request per
+model on an object store, whatever the number of versions) and compares every object's tag
+with what the last poll saw; a changed model is reloaded through the registry (which reads
+the config and the manifest again), a removed one is unloaded.
+
+When the store errors or times out, nothing changes: every model keeps serving what it has,
+readiness stays as it was, the failure is counted (`registry.poll_errors`, exported as
+forseti_repository_poll_errors_total) and logged once per outage, and the next good poll
+catches up with whatever changed meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-from pathlib import Path
 
 from forseti.core.errors import ModelLoadError, NotFound
-from forseti.core.repository.config import CONFIG_FILENAME
-from forseti.core.repository.layout import list_models, version_dirs
-from forseti.server.registry.model_registry import ModelRegistry
+from forseti.core.repository.listing import ModelListing, list_model, list_model_names
+from forseti.core.storage import Storage, StorageError
+from forseti.server.registry.model_registry import ModelRegistry, RepositoryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +30,50 @@ class RepositoryWatcher:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self._seen: dict[str, tuple[object, ...]] = {}
+        self._outage = False
+        self.polls = 0
 
-    async def poll_once(self) -> None:
-        """Reload models whose folder changed; unload removed ones."""
-        repository = self.registry.repository
-        names = list_models(repository)
-        for name in names:
-            state = await asyncio.to_thread(disk_state, repository / name)
+    async def poll_once(self) -> bool:
+        """Reload models whose listing changed; unload removed ones. False when the store could
+        not be listed (nothing was changed)."""
+        self.polls += 1
+        try:
+            listings = await asyncio.to_thread(_list_everything, self.registry.storage)
+        except StorageError as exc:
+            self._failed(exc)
+            return False
+        for name, listing in listings.items():
+            state = listing.state()
             if self._seen.get(name) == state:
                 continue
             self._seen[name] = state
-            with contextlib.suppress(ModelLoadError, NotFound):
-                await self.registry.load_model(name)
-        for name in (set(self._seen) | set(self.registry.model_names())) - set(names):
+            try:
+                await self.registry.load_model(name, listing=listing)
+            except RepositoryUnavailable as exc:
+                # Read failed half-way: forget what was seen so that the next poll tries again.
+                self._seen.pop(name, None)
+                self._failed(exc)
+                return False
+            except (ModelLoadError, NotFound):
+                pass
+        for name in (set(self._seen) | set(self.registry.model_names())) - set(listings):
             self._seen.pop(name, None)
             await self.registry.forget_model(name)
+        if self._outage:
+            self._outage = False
+            log.warning("model repository readable again; caught up")
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        self.registry.poll_errors += 1
+        if not self._outage:
+            self._outage = True
+            log.error(
+                "model repository unreadable; every model keeps serving what it has and the "
+                "next polls retry (logged once per outage; see "
+                "forseti_repository_poll_errors_total)",
+                extra={"repository": str(self.registry.repository), "detail": str(exc)},
+            )
 
     async def run(self, every_s: float) -> None:
         """Poll every `every_s` seconds until cancelled; a failed poll is logged."""
@@ -53,19 +85,7 @@ class RepositoryWatcher:
                 log.exception("repository poll failed")
 
 
-def disk_state(model_dir: Path) -> tuple[object, ...]:
-    """What a poll compares: the config file and every version folder's files."""
-    items: list[tuple[object, ...]] = []
-    try:
-        st = os.stat(model_dir / CONFIG_FILENAME)
-        items.append((CONFIG_FILENAME, st.st_ino, st.st_size, st.st_mtime_ns))
-    except OSError:
-        items.append((CONFIG_FILENAME,))
-    for v, path in sorted(version_dirs(model_dir).items()):
-        try:
-            for e in sorted(os.scandir(path), key=lambda e: e.name):
-                st = e.stat()
-                items.append((v, e.name, st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            items.append((v,))
-    return tuple(items)
+def _list_everything(storage: Storage) -> dict[str, ModelListing]:
+    """One listing of the root and one per model: the whole cost of a poll that finds nothing
+    changed."""
+    return {name: list_model(storage, name) for name in list_model_names(storage)}

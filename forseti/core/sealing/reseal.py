@@ -23,6 +23,13 @@ from typing import BinaryIO
 
 from forseti.core.durable import atomic_output
 from forseti.core.repository.layout import version_dirs
+from forseti.core.repository.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    ModelManifest,
+    commit_manifest,
+)
+from forseti.core.storage import open_storage
 
 from .key_rotation import read_header_key
 from .keyring import Keyring
@@ -67,6 +74,8 @@ class ResealReport:
     pending: list[Path] = field(default_factory=list)  # dry run: what would be resealed
     current: int = 0  # files already sealed with the newest key
     problems: list[str] = field(default_factory=list)
+    # model manifests moved to the newest key (dry run: that would be)
+    manifests: list[Path] = field(default_factory=list)
 
 
 def _file_sha256(path: Path) -> str:
@@ -175,7 +184,43 @@ def reseal_repository(
                     )
                     if done is not None and on_file is not None:
                         on_file(done)
+            _reseal_manifest(repo, model_dir.name, keyring, newest, dry_run, report)
     return report
+
+
+def _reseal_manifest(
+    repo: Path, model: str, keyring: Keyring, newest: str, dry_run: bool, report: ResealReport
+) -> None:
+    """Re-seal the model manifest to the newest key (same content, next serial), so that the
+    old key can be retired; servers accept it as a newer manifest."""
+    path = repo / model / MANIFEST_NAME
+    try:
+        key_id, _ = read_header_key(path)
+    except FileNotFoundError:
+        return
+    except (SealError, OSError) as exc:
+        report.problems.append(f"{model}/{MANIFEST_NAME}: {exc}")
+        return
+    if key_id == newest:
+        return
+    report.manifests.append(path)
+    if dry_run:
+        return
+    try:
+        commit_manifest(
+            open_storage(repo),
+            model,
+            keyring,
+            lambda m: _same_manifest(m, model),
+        )
+    except ManifestError as exc:
+        report.problems.append(f"{model}/{MANIFEST_NAME}: {exc}")
+
+
+def _same_manifest(current: ModelManifest | None, model: str) -> ModelManifest:
+    if current is None:
+        raise ManifestError(f"the manifest of {model} vanished")
+    return current.next("reseal")
 
 
 def _reseal_one(

@@ -359,6 +359,45 @@ def open_sealed(blob: bytes, keyring: Keyring, *, model: str, version: int, file
     return plain if isinstance(plain, bytes) else bytes(plain)
 
 
+_RECORD_TAG = b"forseti-seal-record/1"
+
+
+def _record_binding(kind: str, name: str) -> bytes:
+    """Length-prefixed (kind, name) for a sealed record: a different tag than artifacts', so a
+    record can never pass for an artifact (or the other way round), nor for another kind or
+    another model's record."""
+    if not kind or not name:
+        raise SealError("invalid binding", "record kind and name must be non-empty")
+    parts = [_RECORD_TAG, kind.encode("utf-8"), name.encode("utf-8")]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def seal_record(plaintext: bytes, keyring: Keyring, *, kind: str, name: str) -> bytes:
+    """Seal a small record (format 1, newest key) bound to its kind and name, e.g. a model's
+    manifest: ``kind="model-manifest", name=<model>``."""
+    key = keyring.newest
+    kid = key.key_id.encode("ascii")
+    header = MAGIC + bytes([FORMAT_V1, len(kid)]) + kid + secrets.token_bytes(NONCE_BYTES)
+    parsed = _parse_v1_header(header)
+    aad = header + _record_binding(kind, name)
+    return header + AESGCM(key.secret).encrypt(parsed.nonce, plaintext, aad)
+
+
+def open_record(blob: bytes, keyring: Keyring, *, kind: str, name: str) -> bytes:
+    """Authenticate and decrypt a record sealed by `seal_record` for this kind and name."""
+    header = parse_header(blob)
+    if header.format_version != FORMAT_V1:
+        raise SealError("unsupported seal format version", "records use format 1")
+    aad = header.raw + _record_binding(kind, name)
+    body = memoryview(blob)[header.body_offset :]
+    if len(body) < TAG_BYTES:
+        raise SealError(AUTH_FAILED)
+    try:
+        return AESGCM(_key_for(header, keyring)).decrypt(header.nonce, body, aad)
+    except InvalidTag:
+        raise SealError(AUTH_FAILED) from None
+
+
 def plaintext_name(sealed_path: Path) -> str:
     """``model.onnx.sealed`` -> ``model.onnx``."""
     name = sealed_path.name

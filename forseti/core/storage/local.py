@@ -67,7 +67,19 @@ class LocalStorage(Storage):
         found: list[ObjectInfo] = []
         start = self._path(prefix.rstrip("/"))
         base = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        for dirpath, dirnames, filenames in os.walk(start):
+        seen: set[tuple[int, int]] = set()
+        # Links are followed (a version folder may be a link, as the server always allowed);
+        # a folder reached twice is not walked again, so a link loop ends.
+        for dirpath, dirnames, filenames in os.walk(start, followlinks=True):
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                dirnames.clear()
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames.sort()
             rel = os.path.relpath(dirpath, start)
             head = base if rel == "." else base + rel.replace(os.sep, "/") + "/"
@@ -161,12 +173,12 @@ def _size_tag(st: os.stat_result) -> tuple[int, str]:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside `path` (a hidden file), held while the block runs."""
-    lock = path.with_name(f".{path.name}.lock")
+    """An exclusive lock on the folder holding `path`, held while the block runs (flock on
+    the folder itself: no lock file appears among the repository's entries)."""
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        if exc.errno == errno.ENOENT:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise StorageNotFound(f"folder of {path.name} not found") from None
         raise
     try:
