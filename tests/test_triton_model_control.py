@@ -80,3 +80,60 @@ def test_load_outside_explicit_mode_is_unavailable_with_tritons_text(repo: Path)
     assert refused.message().startswith(
         "explicit model load / unload is not allowed if polling is enabled"
     )
+
+
+# ---- loads with parameters ------------------------------------------------------------------
+
+
+def test_a_config_override_replaces_the_config_and_the_rest_is_completed(repo: Path) -> None:
+    async def body(client, srv):
+        await client.load_model("simple", config='{"max_batch_size":"16"}')
+        overridden = (await client.get_model_config("simple")).config
+        await client.load_model("simple")
+        restored = (await client.get_model_config("simple")).config
+        return overridden, restored
+
+    overridden, restored = _serve(repo, body)
+    assert overridden.max_batch_size == 16
+    assert overridden.platform == "onnxruntime_onnx"
+    assert [t.name for t in overridden.input] == ["INPUT0", "INPUT1"]
+    assert list(overridden.input[0].dims) == [16]
+    assert restored.max_batch_size == 8
+
+
+def test_an_invalid_config_override_is_refused_and_the_model_keeps_serving(repo: Path) -> None:
+    async def body(client, srv):
+        await client.load_model("simple")
+        with pytest.raises(InferenceServerException) as caught:
+            await client.load_model("simple", config='"parameters": {"config": {{"x": 1}}}')
+        return caught.value, await client.is_model_ready("simple")
+
+    refused, still_ready = _serve(repo, body)
+    assert refused.status() == "StatusCode.INVALID_ARGUMENT"
+    assert refused.message().startswith("failed to load 'simple', Invalid config override")
+    assert still_ready
+
+
+def test_a_file_override_path_component_over_name_max_is_internal_as_in_triton(
+    repo: Path,
+) -> None:
+    async def body(client, srv):
+        with pytest.raises(InferenceServerException) as caught:
+            await client.load_model("simple", config="{}", files={"file:" + "A" * 256: b"a"})
+        return caught.value
+
+    refused = _serve(repo, body)
+    assert refused.status() == "StatusCode.INTERNAL"
+    assert "failed to poll from model repository" in refused.message()
+
+
+def test_file_overrides_are_refused_naming_how_to_publish(repo: Path) -> None:
+    async def body(client, srv):
+        with pytest.raises(InferenceServerException) as caught:
+            await client.load_model("simple", config="{}", files={"file:1/model.onnx": b"x"})
+        return caught.value, await client.is_model_ready("simple")
+
+    refused, ready = _serve(repo, body)
+    assert refused.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "file overrides" in refused.message() and "forseti publish" in refused.message()
+    assert not ready

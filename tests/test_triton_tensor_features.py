@@ -46,11 +46,16 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "scores",
             'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },'
             ' { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
-            'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },'
+            'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ]'
+            ' label_filename: "labels.txt" },'
             ' { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]\n',
             max_batch_size=8,
         ),
         add_sub_onnx(TensorProto.FLOAT),
+    )
+    (root / "scores" / "labels.txt").write_text("".join(f"label{i}\n" for i in range(16)))
+    write_plain_model(
+        root, "no_config", None, identity_onnx([("x", "y", TensorProto.INT64, ["b", 3])])
     )
     write_plain_model(
         root,
@@ -189,7 +194,11 @@ def test_class_count_returns_the_top_values_with_their_indices(repo: Path) -> No
 
     classes, meta = _serve(repo, body)
     assert meta.datatype == "BYTES" and list(meta.shape) == [1, 3]
-    assert [c.decode() for c in classes[0]] == ["15.000000:15", "14.000000:14", "13.000000:13"]
+    assert [c.decode() for c in classes[0]] == [
+        "15.000000:15:label15",
+        "14.000000:14:label14",
+        "13.000000:13:label13",
+    ]
 
 
 def test_a_classified_and_a_plain_output_in_one_request(repo: Path) -> None:
@@ -269,3 +278,20 @@ def test_an_output_named_twice_is_refused(repo: Path) -> None:
         outputs=[InferRequestedOutput("OUTPUT0"), InferRequestedOutput("OUTPUT0")],
     )
     assert message.startswith("output 'OUTPUT0' already exists in request")
+
+
+# ---- auto-complete -----------------------------------------------------------------------------
+
+
+def test_a_model_folder_without_a_config_is_served_from_the_completed_config(repo: Path) -> None:
+    x = np.arange(6, dtype=np.int64).reshape(2, 3)
+
+    async def body(client, srv):
+        config = (await client.get_model_config("no_config")).config
+        answer = (await client.infer("no_config", [_input("x", x, "INT64")])).as_numpy("y")
+        return config, answer
+
+    config, answer = _serve(repo, body)
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 4
+    assert [(t.name, list(t.dims)) for t in config.input] == [("x", [3])]
+    np.testing.assert_array_equal(answer, x)
