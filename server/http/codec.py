@@ -121,19 +121,34 @@ def _json_tensor_bytes(data: object, datatype: str, shape: list[int], name: str)
         raise InvalidArgument(
             f"input '{name}': 'data' is not a regular array of {datatype} values"
         ) from None
-    kinds = _FLOAT_KINDS if ttype.dtype.kind == "f" else _INT_KINDS
-    if values.size and values.dtype.kind not in kinds:
+    kind = ttype.dtype.kind
+    if values.size and kind in "iu" and values.dtype.kind == "f":
+        # numpy reads integers beyond int64 (a UINT64's upper half) as floats: look closer
+        values = _exact_integers(data, ttype.dtype, name, datatype)
+    allowed = "b" if kind == "b" else _FLOAT_KINDS if kind == "f" else _INT_KINDS
+    if values.size and values.dtype.kind not in allowed:
         raise InvalidArgument(f"input '{name}': 'data' holds values that are not {datatype}")
     if values.size != math.prod(shape):
         raise InvalidArgument(
             f"input '{name}' has {values.size} values in 'data', its shape {shape} needs "
             f"{math.prod(shape)}"
         )
-    if ttype.dtype.kind in "iu" and values.size:
+    if kind in "iu" and values.size and values.dtype != ttype.dtype:
         info = np.iinfo(ttype.dtype)
         if values.min() < info.min or values.max() > info.max:
             raise InvalidArgument(f"input '{name}' has values out of range for {datatype}")
     return values.astype(ttype.dtype, copy=False).tobytes()
+
+
+def _exact_integers(data: list[Any], dtype: np.dtype, name: str, datatype: str) -> np.ndarray:
+    """`data` as integers of `dtype`, refusing anything that is not an integer in range."""
+    loose = np.array(data, dtype=object)
+    if not all(type(v) is int for v in loose.flat):
+        raise InvalidArgument(f"input '{name}': 'data' holds values that are not {datatype}")
+    try:
+        return np.array(data, dtype=dtype)
+    except OverflowError:
+        raise InvalidArgument(f"input '{name}' has values out of range for {datatype}") from None
 
 
 @dataclass

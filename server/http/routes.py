@@ -158,6 +158,9 @@ class TritonHttpApp:
             answer = await self._answer(scope, receive)
         except HttpAbort as exc:
             answer = _error(exc.status, exc.message)
+            if exc.status in (408, 413):
+                # the rest of the body was never read: the connection cannot carry on
+                answer.headers = [*_JSON, (b"connection", b"close")]
         except Exception:
             rid = new_request_id()
             log.exception("unexpected error", extra={"path": scope.get("path"), "request_id": rid})
