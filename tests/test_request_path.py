@@ -215,7 +215,7 @@ def test_unknown_model_is_not_found(repo, keyring) -> None:
     ("version", "fragment"),
     [
         ("7", "Request for unknown model: 'policy' version 7 is not found"),
-        ("latest", "Request for unknown model: 'policy' version latest is not found"),
+        ("latest", "failed to get model version from specified version string 'latest'"),
     ],
 )
 def test_unknown_version_is_not_found(repo, keyring, version: str, fragment: str) -> None:

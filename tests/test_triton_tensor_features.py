@@ -80,6 +80,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
         identity_onnx([("INPUT", "OUTPUT", TensorProto.FLOAT, [])]),
     )
+    for name, dims in (("scalar_2dim", "1, 1"), ("scalar_bad", "2")):
+        write_plain_model(
+            root,
+            name,
+            _config(
+                name,
+                f'input [ {{ name: "INPUT" data_type: TYPE_FP32 dims: [ {dims} ] }} ]\n'
+                f'output [ {{ name: "OUTPUT" data_type: TYPE_FP32 dims: [ {dims} ] }} ]\n',
+            ),
+            identity_onnx([("INPUT", "OUTPUT", TensorProto.FLOAT, [])]),
+        )
     optional_inputs = "".join(
         f'{{ name: "INPUT{i}" data_type: TYPE_FP32 dims: [ -1 ]{flag} }},'
         for i, flag in enumerate(["", "", "", " optional: true"])
@@ -244,6 +255,24 @@ def test_a_rank_0_model_tensor_declared_as_dims_1_is_served(repo: Path) -> None:
         return result.as_numpy("OUTPUT")
 
     np.testing.assert_array_equal(_serve(repo, body), x)
+
+
+def test_a_rank_0_model_tensor_declared_as_dims_1_1_is_served_and_2_is_refused(
+    repo: Path,
+) -> None:
+    x = np.array([[4.0]], np.float32)
+
+    async def body(client, srv):
+        result = await client.infer("scalar_2dim", [_input("INPUT", x, "FP32")])
+        bad = await client.is_model_ready("scalar_bad")
+        index = await client.get_model_repository_index()
+        return result.as_numpy("OUTPUT"), bad, index
+
+    answer, bad_ready, index = _serve(repo, body)
+    np.testing.assert_array_equal(answer, x)
+    assert not bad_ready
+    (reason,) = [m.reason for m in index.models if m.name == "scalar_bad"]
+    assert "does not fit the model's []" in reason
 
 
 def test_an_optional_input_may_be_left_out(repo: Path) -> None:

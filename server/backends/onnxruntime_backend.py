@@ -84,9 +84,15 @@ def _dims_compatible(model_dims: list, spec: TensorSpec, max_batch_size: int) ->
 
 
 def _is_scalar_as_one(model_dims: list, spec: TensorSpec, max_batch_size: int) -> bool:
-    """A rank-0 model tensor that a non-batching config declares as dims [1] (as Triton
-    accepts: clients send and receive shape [1])."""
-    return not model_dims and max_batch_size == 0 and spec.dims == (1,) and not spec.reshaped
+    """A rank-0 model tensor that a non-batching config declares with dims of ones ([1],
+    [1, 1]), as Triton accepts: clients send and receive that shape."""
+    return (
+        not model_dims
+        and max_batch_size == 0
+        and bool(spec.dims)
+        and all(d == 1 for d in spec.dims)
+        and not spec.reshaped
+    )
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ class RoutingTable:
             return lv
         if not (version.isascii() and version.isdigit()) or len(version) > _MAX_VERSION_DIGITS:
             raise NotFound(
-                f"Request for unknown model: '{name}' version {shown(version)} is not found"
+                "failed to get model version from specified version string "
+                f"'{shown(version)}' (model '{name}'; a version is a number)"
             )
         number = int(version)
         lv = entry.versions.get(number)
