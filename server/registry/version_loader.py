@@ -18,7 +18,7 @@ from forseti.core.repository.config import ModelSpec
 from forseti.core.repository.layout import DEFAULT_MAX_ARTIFACT_BYTES
 from forseti.core.repository.listing import VersionListing, find_listed_artifact
 from forseti.core.sealing.keyring import Keyring
-from forseti.core.sealing.sealed import SealError, open_sealed, peek_key_id
+from forseti.core.sealing.sealed import SealError, open_sealed_buffer, peek_key_id
 from forseti.core.storage import Storage, StorageError, StorageNotFound, TooLarge
 from forseti.server.backends import create_backend
 from forseti.server.backends.base import Backend
@@ -100,6 +100,11 @@ class VersionLoader:
             else:
                 model_bytes = blob
             del blob
+            # The chunked format opens into a bytearray (no second copy of the plaintext
+            # beside the ciphertext); onnxruntime takes only bytes, so convert once the
+            # ciphertext is gone: a load never holds the ciphertext and two plaintexts.
+            if not isinstance(model_bytes, bytes):
+                model_bytes = bytes(model_bytes)
             if expected is not None:
                 self._check_manifest(spec, version, model_bytes, expected)
             # Auto-complete (Triton's default) from the authenticated, opened model.
@@ -156,11 +161,13 @@ class VersionLoader:
                 "(--max-artifact-bytes)"
             ) from None
 
-    def _unseal(self, blob: bytes, spec: ModelSpec, version: int, filename: str) -> bytes:
+    def _unseal(
+        self, blob: bytes, spec: ModelSpec, version: int, filename: str
+    ) -> bytes | bytearray:
         if self.keyring is None:
             raise ModelLoadError("artifact is sealed but the server has no --keyring")
         try:
-            return open_sealed(
+            return open_sealed_buffer(
                 blob, self.keyring, model=spec.name, version=version, filename=filename
             )
         except SealError as exc:
