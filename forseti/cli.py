@@ -23,6 +23,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "re-encrypt a repository's artifacts to the newest key, atomically, while serving",
     ),
     "audit": ("forseti.core.cli", "main_audit", "verify a hash-chained audit log"),
+    "publish": (
+        "forseti.core.cli",
+        "main_publish",
+        "seal model files and publish them as a model's next version (folder or s3://)",
+    ),
+    "rollback": (
+        "forseti.core.cli",
+        "main_rollback",
+        "serve an earlier committed version of a model (a new, pinned model manifest)",
+    ),
     "train": (
         "forseti.trainer_sidecar.cli",
         "main_train",

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +25,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from forseti.core.durable import atomic_write
 from forseti.core.repository.layout import VERSION_MANIFEST
-from forseti.core.repository.publish import publish_version
+from forseti.core.repository.publish import publish_model_version
 from forseti.core.sealing.keyring import Keyring
-from forseti.core.sealing.sealed import SEALED_SUFFIX, seal_bytes
+from forseti.core.storage import open_storage
 
 from .replicas import Replica
 
@@ -70,42 +69,18 @@ class Promotion:
     replica_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def write_config(model_dir: Path, config_text: str) -> bool:
-    """Write config.pbtxt atomically when it changed; True if it was written."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / "config.pbtxt"
-    data = config_text.encode()
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    atomic_write(path, data, mode=0o644)
-    return True
-
-
-def sealed_version_files(
-    artifacts: Mapping[str, bytes],
-    manifest: dict[str, Any],
-    keyring: Keyring,
-    model: str,
-) -> Callable[[int], dict[str, bytes]]:
-    """The publish callback: seals each artifact bound to the version number it is given."""
-
-    def make_files(version: int) -> dict[str, bytes]:
-        files = {
-            name + SEALED_SUFFIX: seal_bytes(
-                data, keyring, model=model, version=version, filename=name
-            )
-            for name, data in artifacts.items()
-        }
-        full = dict(manifest)
-        full["version"] = version
-        full["artifacts"] = {
-            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-            for name, data in artifacts.items()
-        }
-        files[MANIFEST] = (json.dumps(full, indent=2, sort_keys=True, default=str) + "\n").encode()
-        return files
-
-    return make_files
+def version_manifest(
+    artifacts: Mapping[str, bytes], manifest: dict[str, Any], version: int
+) -> bytes:
+    """The version's manifest.json: where it came from, its number and its artifacts' hashes
+    (plain JSON, no secret; committed in the model manifest with the artifacts)."""
+    full = dict(manifest)
+    full["version"] = version
+    full["artifacts"] = {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        for name, data in artifacts.items()
+    }
+    return (json.dumps(full, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
 def _load(client: grpcclient.InferenceServerClient, model: str, headers: dict | None) -> None:
@@ -239,10 +214,17 @@ def promote(
         replicas: Sequence[Replica] = [Replica("server", client)]
     else:
         replicas = client
-    model_dir = repository / model
-    write_config(model_dir, config_text)
     start = time.perf_counter()
-    version = publish_version(model_dir, sealed_version_files(artifacts, manifest, keyring, model))
+    # The version's files first, the model manifest last (the commit the servers check); on
+    # a folder or an object store (s3://), the same code as `forseti publish`.
+    version = publish_model_version(
+        open_storage(repository),
+        model,
+        artifacts,
+        keyring=keyring,
+        config_text=config_text,
+        extra_files=lambda number: {MANIFEST: version_manifest(artifacts, manifest, number)},
+    ).version
     published = time.perf_counter()
     each = confirm_on_replicas(
         replicas, model, version, probe, timeout_s=timeout_s, headers=headers, published=published

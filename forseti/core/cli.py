@@ -164,7 +164,10 @@ def main_seal(argv: list[str]) -> int:
             print(f"forseti seal: {problem}", file=sys.stderr)
         print(f"sealed {len(exc.sealed)} file(s); {len(exc.problems)} problem(s)")
         return 1
-    print(f"sealed {len(sealed)} file(s) with key {keyring.newest.key_id}")
+    print(
+        f"sealed {len(sealed)} file(s) with key {keyring.newest.key_id}; wrote each model's "
+        "manifest (its config and version folders as they are now)"
+    )
     return 0
 
 
@@ -241,6 +244,8 @@ def main_reseal(argv: list[str]) -> int:
                 f"{repo}: {verb} {count} file(s) to key {newest}; {report.current} already "
                 f"on it; {len(report.problems)} problem(s)"
             )
+            if report.manifests:
+                print(f"{repo}: {verb} {len(report.manifests)} model manifest(s) to key {newest}")
     finally:
         if audit is not None:
             audit.close()
@@ -289,4 +294,154 @@ def main_audit(argv: list[str]) -> int:
     print(f"OK: {result.lines} lines, chain intact; head {result.head}")
     for line_no in result.recovered_tears:
         print(f"note: line {line_no} is a torn line left by a killed writer, recorded after it")
+    return 0
+
+
+def main_publish(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="forseti publish",
+        description=(
+            "Seal plaintext model files and publish them as the next version of MODEL, on a "
+            "local folder or an object store (s3://bucket/prefix, s3://host:port/bucket/prefix; "
+            "credentials and endpoint from the AWS environment). The version's files are "
+            "written first and the model manifest last, so servers never see half a version "
+            "and two publishers never take the same number. Prints the version number."
+        ),
+    )
+    p.add_argument(
+        "--keyring",
+        type=Path,
+        default=None,
+        help="keyring file (default: $FORSETI_KEYRING or $FORSETI_KEYRING_FD); newest key seals",
+    )
+    p.add_argument("--model-repository", required=True, metavar="REPO", help="folder or URL")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="config.pbtxt to publish with this version (default: the model's current one, "
+        "which its manifest must authenticate)",
+    )
+    p.add_argument("--audit-log", type=Path, metavar="PATH", help="record the publication")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("files", type=Path, nargs="+", metavar="FILE", help="plaintext model files")
+    args = p.parse_args(argv)
+    configure_logging("WARNING")
+    from forseti.core.repository.manifest import ManifestError
+    from forseti.core.repository.publish import PublishError, publish_model_version
+    from forseti.core.sealing.keyring import KeyringError, load_keyring
+    from forseti.core.sealing.sealed import SealError
+    from forseti.core.storage import StorageError, open_storage
+
+    try:
+        keyring = load_keyring(args.keyring)
+    except KeyringError as exc:
+        print(f"forseti publish: {exc}", file=sys.stderr)
+        return 2
+    names = [f.name for f in args.files]
+    if len(set(names)) != len(names):
+        print("forseti publish: two files have the same name", file=sys.stderr)
+        return 2
+    try:
+        artifacts = {f.name: f.read_bytes() for f in args.files}
+        config = args.config.read_bytes() if args.config is not None else None
+    except OSError as exc:
+        print(f"forseti publish: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        published = publish_model_version(
+            open_storage(args.model_repository),
+            args.model,
+            artifacts,
+            keyring=keyring,
+            config_text=config,
+        )
+    except (PublishError, ManifestError, SealError, StorageError) as exc:
+        print(f"forseti publish: {exc}", file=sys.stderr)
+        return 1
+    if args.audit_log is not None:
+        _audit_once(
+            args.audit_log,
+            "model.publish",
+            repository=args.model_repository,
+            model=args.model,
+            version=published.version,
+            manifest_serial=published.serial,
+            files=sorted(artifacts),
+        )
+    print(published.version)
+    return 0
+
+
+def main_rollback(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="forseti rollback",
+        description=(
+            "Serve an earlier committed version of MODEL: writes a new model manifest (higher "
+            "serial) pinned to VERSION. Servers in poll mode serve it at their next poll, "
+            "explicit ones at their next load of the model. --unpin returns the model to its "
+            "config's version_policy. The next publish clears the pin."
+        ),
+    )
+    p.add_argument("--keyring", type=Path, default=None, help="keyring file (default: environment)")
+    p.add_argument("--model-repository", required=True, metavar="REPO", help="folder or URL")
+    p.add_argument("--audit-log", type=Path, metavar="PATH", help="record the rollback")
+    p.add_argument("--unpin", action="store_true", help="remove the pin instead")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("version", metavar="VERSION", nargs="?", help="a committed version number")
+    args = p.parse_args(argv)
+    configure_logging("WARNING")
+    if args.unpin == (args.version is not None):
+        p.error("give either VERSION or --unpin")
+    from forseti.core.repository.layout import parse_version_name
+    from forseti.core.repository.manifest import (
+        ManifestError,
+        ModelManifest,
+        commit_manifest,
+        pinned,
+    )
+    from forseti.core.sealing.keyring import KeyringError, load_keyring
+    from forseti.core.storage import StorageError, open_storage
+
+    version = None
+    if args.version is not None:
+        version = parse_version_name(args.version)
+        if version is None:
+            p.error(f"VERSION must be a version number, got {args.version!r}")
+    try:
+        keyring = load_keyring(args.keyring)
+    except KeyringError as exc:
+        print(f"forseti rollback: {exc}", file=sys.stderr)
+        return 2
+    before: list[tuple[int, ...] | None] = []
+
+    def change(current: ModelManifest | None) -> ModelManifest:
+        if current is None:
+            raise ManifestError(f"{args.model} has no model manifest: nothing to roll back")
+        before.append(current.pin)
+        return pinned(current, None if version is None else [version], "rollback")
+
+    try:
+        written = commit_manifest(open_storage(args.model_repository), args.model, keyring, change)
+    except (ManifestError, StorageError) as exc:
+        print(f"forseti rollback: {exc}", file=sys.stderr)
+        return 1
+    previous = before[-1] if before else None
+    if args.audit_log is not None:
+        _audit_once(
+            args.audit_log,
+            "model.rollback",
+            repository=args.model_repository,
+            model=args.model,
+            pin=list(written.pin) if written.pin is not None else None,
+            previous_pin=list(previous) if previous is not None else None,
+            manifest_serial=written.serial,
+        )
+    if written.pin is None:
+        print(f"{args.model}: unpinned (manifest serial {written.serial})")
+    else:
+        print(
+            f"{args.model}: pinned to version {version} (manifest serial {written.serial}); "
+            "servers in poll mode serve it at their next poll, explicit ones at their next load"
+        )
     return 0

@@ -197,7 +197,7 @@ def publish_model_version(
     *,
     keyring: Keyring | None,
     config_text: str | bytes | None = None,
-    extra_files: Mapping[str, bytes] | None = None,
+    extra_files: Mapping[str, bytes] | Callable[[int], Mapping[str, bytes]] | None = None,
     adopt_config: bool = False,
     version: int | None = None,
 ) -> Published:
@@ -207,23 +207,29 @@ def publish_model_version(
     is updated last: that update is the commit (a conditional replace, retried on conflict).
     Without one (a plaintext repository) the files are written as they are and the rename (a
     folder) or the commit marker (an object store) commits. `extra_files` (e.g. the trainer's
-    manifest.json: no secret in it) are written unsealed and their hashes committed too.
+    manifest.json: no secret in it; or a function of the version number that gives them) are
+    written unsealed and their hashes committed too.
     `adopt_config` authenticates whatever config.pbtxt is there now (the test builders).
     """
     if not model or "/" in model or model.startswith("."):
         raise PublishError(f"invalid model name {model!r}")
     config_bytes = config_text.encode() if isinstance(config_text, str) else config_text
-    extra = dict(extra_files or {})
-    clash = set(extra) & ({n + SEALED_SUFFIX for n in artifacts} if keyring else set(artifacts))
-    if clash:
-        raise PublishError(f"file names given twice: {sorted(clash)}")
+    extras: Callable[[int], Mapping[str, bytes]] = (
+        extra_files if callable(extra_files) else (lambda _n, e=dict(extra_files or {}): e)
+    )
     current = read_manifest(storage, model, keyring) if keyring is not None else None
     config = _config_for_publish(
         storage, model, config_bytes, current[0] if current else None, adopt_config
     )
-    hashes = {**file_hashes(artifacts), **file_hashes(extra)}
+    plain_hashes = file_hashes(artifacts)
+    hashes_by_number: dict[int, dict[str, str]] = {}
 
     def make_files(number: int) -> dict[str, bytes]:
+        extra = dict(extras(number))
+        sealed_names = {n + SEALED_SUFFIX for n in artifacts} if keyring else set(artifacts)
+        if set(extra) & sealed_names:
+            raise PublishError(f"file names given twice: {sorted(set(extra) & sealed_names)}")
+        hashes_by_number[number] = {**plain_hashes, **file_hashes(extra)}
         if keyring is None:
             files = dict(artifacts)
         else:
@@ -250,7 +256,7 @@ def publish_model_version(
         storage,
         model,
         keyring,
-        lambda m: with_version(m, model, config_sha, number, hashes, "publish"),
+        lambda m: with_version(m, model, config_sha, number, hashes_by_number[number], "publish"),
     )
     log.info(
         "version committed",
