@@ -325,7 +325,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
             StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
           } else {
             Write(std::move(out_));
-            StartRead(&in_);
+            ContinueReading();
           }
           return;
         }
@@ -334,7 +334,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
             Finish(status);
           } else {
             Write(std::move(out_));  // the stream's error response
-            StartRead(&in_);
+            ContinueReading();
           }
           return;
         }
@@ -346,12 +346,25 @@ class Call final : public grpc::ServerGenericBidiReactor {
 
   void OnWriteDone(bool ok) override {
     std::unique_lock lock(mu_);
-    if (!ok) writes_.clear();
+    if (!ok) {
+      writes_.clear();
+      if (stream_ && read_deferred_ && !finished_ && !finish_pending_) {
+        // The client is gone and no read is pending to tell us: end the call here.
+        finished_ = true;
+        writing_ = false;
+        lock.unlock();
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+        return;
+      }
+    }
     if (!writes_.empty()) {
       current_ = std::move(writes_.front());
       writes_.pop_front();
+      const bool read = read_deferred_ && writes_.size() < kMaxQueuedWrites;
+      if (read) read_deferred_ = false;
       lock.unlock();
       StartWrite(&current_);
+      if (read) StartRead(&in_);
       return;
     }
     writing_ = false;
@@ -418,6 +431,21 @@ class Call final : public grpc::ServerGenericBidiReactor {
   // read the next request.
   void Resume(const std::string* payload) {
     if (payload != nullptr) Write(FromBytes(payload->data(), payload->size()));
+    ContinueReading();
+  }
+
+  // The next request of a stream, unless the client has not read the answers queued so far:
+  // then reading waits until it does (as a grpc.aio stream waits on its writes), so a client
+  // that only sends cannot grow the queue without bound.
+  void ContinueReading() {
+    {
+      std::lock_guard lock(mu_);
+      if (finished_ || finish_pending_) return;
+      if (writes_.size() >= kMaxQueuedWrites) {
+        read_deferred_ = true;
+        return;
+      }
+    }
     StartRead(&in_);
   }
 
@@ -485,6 +513,8 @@ class Call final : public grpc::ServerGenericBidiReactor {
   std::mutex mu_;
   std::deque<grpc::ByteBuffer> writes_;
   grpc::ByteBuffer current_;
+  static constexpr size_t kMaxQueuedWrites = 16;
+  bool read_deferred_ = false;
   bool writing_ = false;
   bool finish_pending_ = false;
   bool finished_ = false;
