@@ -137,3 +137,15 @@ def test_file_overrides_are_refused_naming_how_to_publish(repo: Path) -> None:
     assert refused.status() == "StatusCode.INVALID_ARGUMENT"
     assert "file overrides" in refused.message() and "forseti publish" in refused.message()
     assert not ready
+
+
+def test_statistics_of_a_version_that_is_not_ready_get_tritons_text(repo: Path) -> None:
+    async def body(client, srv):
+        await client.load_model("simple")
+        with pytest.raises(InferenceServerException) as caught:
+            await client.get_inference_statistics("simple", model_version="2")
+        return caught.value
+
+    refused = _serve(repo, body)
+    assert refused.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "requested model version is not available for model 'simple'" in refused.message()

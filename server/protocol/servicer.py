@@ -196,7 +196,9 @@ class TritonServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
         try:
             if request.name:
                 if request.version:
-                    versions = [self.registry.route(request.name, request.version)]
+                    versions = [
+                        self.registry.routing.statistics_route(request.name, request.version)
+                    ]
                 else:
                     self.registry.route(request.name, "")
                     versions = self.registry.versions_of(request.name)

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from forseti.core.errors import NotFound, Unavailable, shown
+from forseti.core.errors import InvalidArgument, NotFound, Unavailable, shown
 from forseti.server.registry.loaded_version import LoadedVersion
 
 READY = "READY"
@@ -87,6 +87,18 @@ class RoutingTable:
                 )
             raise NotFound(f"Request for unknown model: '{name}' version {number} is not found")
         return lv
+
+    def statistics_route(self, name: str, version: str) -> LoadedVersion:
+        """The version whose statistics a request names; a known model's version that is not
+        ready gets Triton's statistics text."""
+        try:
+            return self.route(name, version)
+        except (NotFound, Unavailable):
+            if name in self.models:
+                raise InvalidArgument(
+                    f"requested model version is not available for model '{name}'"
+                ) from None
+            raise
 
     def entry(self, name: str) -> ModelEntry:
         """The model's entry, created empty on first use."""
