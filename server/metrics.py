@@ -142,6 +142,12 @@ class TritonMetricsCollector(Collector):
         yield pending
         yield serving
         yield histogram
+        yield CounterMetricFamily(
+            "forseti_repository_poll_errors",
+            "Repository polls that could not read the repository (the store errored or timed "
+            "out); every model kept serving what it had",
+            value=self.registry.poll_errors,
+        )
 
 
 class _Families(Collector):
