@@ -120,26 +120,28 @@ def _walk_sealed(root: Path) -> Iterator[Path]:
 
 
 def _served_sealed(root: Path) -> Iterator[Path]:
-    """The sealed files in ``root`` as a server of that repository reads them, through the
-    repository layout's own listing: model folders and version folders may be symlinks, which
-    the server follows and ``os.walk`` does not. Only folders with a model config count as
-    models (the server reads no version of a model without one), so a checkpoint folder given
-    as a root adds nothing here and no warnings about its sub-folders."""
-    # Imported here: the repository layout imports the seal format from this package.
+    """The sealed files in ``root`` as a server of that repository lists them, through the
+    repository listing the server itself uses (storage listing: model folders, and everything
+    under each, through symlinks, which ``os.walk`` does not follow): each model's manifest and
+    the files of its version folders. Only folders with a model config count as models (the
+    server loads no model without one), so a checkpoint folder given as a root adds nothing
+    here and no warnings about its sub-folders."""
+    # Imported here: the repository modules import the seal format from this package.
     from forseti.core.repository.config import CONFIG_FILENAME
-    from forseti.core.repository.layout import list_models, version_dirs
+    from forseti.core.repository.listing import list_model, list_model_names
+    from forseti.core.storage import open_storage
 
-    for model in list_models(root):
-        if not (root / model / CONFIG_FILENAME).is_file():
+    storage = open_storage(root)
+    for name in list_model_names(storage):
+        if storage.stat(f"{name}/{CONFIG_FILENAME}") is None:
             continue
-        for _, version_dir in sorted(version_dirs(root / model).items()):
-            try:
-                names = sorted(os.listdir(version_dir))
-            except OSError:
-                continue
-            for name in names:
-                if name.endswith(SEALED_SUFFIX) and (version_dir / name).is_file():
-                    yield version_dir / name
+        listing = list_model(storage, name)
+        infos = [listing.manifest] if listing.manifest is not None else []
+        for _, version in sorted(listing.versions.items()):
+            infos += version.files.values()
+        for info in infos:
+            if info.key.endswith(SEALED_SUFFIX):
+                yield root.joinpath(*info.key.split("/"))
 
 
 def _sealed_files(root: Path) -> Iterator[Path]:
