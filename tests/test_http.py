@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from forseti.core.sealing.keyring import Keyring
 from testkit.fuzz_requests import DATATYPES
 from testkit.model_builders import build_repository, policy_onnx, publish_sealed
-from testkit.server_process import ServerProcess
+from testkit.server_process import ServerProcess, run_forseti, serve_args
 
 TOKEN = "http-admin-token-0123456789"
 
@@ -451,3 +451,24 @@ def test_swap_during_http_load_fails_no_call(guarded: ServerProcess, keyring: Ke
             t.join(30)
     assert failures == []
     assert "2" in versions
+
+
+def test_explicit_mode_on_a_public_http_address_without_a_guard_is_refused(
+    tmp_path: Path, keyring_path: Path
+) -> None:
+    done = run_forseti(
+        *serve_args(
+            tmp_path,
+            keyring_path,
+            "--grpc-address",
+            "127.0.0.1",
+            "--http-address",
+            "0.0.0.0",
+            "--model-control-mode",
+            "explicit",
+        ),
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--http-address 0.0.0.0" in done.stderr
+    assert "--http-restricted-api=model-repository:" in done.stderr
