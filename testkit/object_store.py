@@ -2,7 +2,9 @@
 
 moto runs in the test process (its threaded server), so it can be stopped and started again
 on the same port with its buckets intact: a store outage that the servers under test see as
-refused connections, then a store that comes back with everything it held.
+refused connections, then a store that comes back with everything it held. Every S3Server of
+one process serves the same buckets: a second one is a second door to the same store (stop
+it, and the servers that use it see an outage while publishers at the first door go on).
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class ModelRegistry:
         self.config_overrides: dict[str, mc.ModelConfig] = {}
         self._unlisted_warned: set[tuple[str, int]] = set()
         self._names: tuple[float, frozenset[str]] = (-_NAMES_TTL_S, frozenset())
-        # Polls whose listing of the repository failed (forseti_repository_poll_errors_total).
+        # Polls whose listing of the repository failed (forseti_repository_poll_errors).
         self.poll_errors = 0
 
     # ---- request path -------------------------------------------------------------------

@@ -7,7 +7,7 @@ the config and the manifest again), a removed one is unloaded.
 
 When the store errors or times out, nothing changes: every model keeps serving what it has,
 readiness stays as it was, the failure is counted (`registry.poll_errors`, exported as
-forseti_repository_poll_errors_total) and logged once per outage, and the next good poll
+forseti_repository_poll_errors) and logged once per outage, and the next good poll
 catches up with whatever changed meanwhile.
 """
 
@@ -71,7 +71,7 @@ class RepositoryWatcher:
             log.error(
                 "model repository unreadable; every model keeps serving what it has and the "
                 "next polls retry (logged once per outage; see "
-                "forseti_repository_poll_errors_total)",
+                "forseti_repository_poll_errors)",
                 extra={"repository": str(self.registry.repository), "detail": str(exc)},
             )
 

@@ -140,19 +140,10 @@ def read_manifest(
     storage: Storage, model: str, keyring: Keyring
 ) -> tuple[ModelManifest, ObjectInfo] | None:
     """The model's manifest and the object it was read from, or None when there is none."""
-    key = manifest_key(model)
-    info = storage.stat(key)
-    if info is None:
-        return None
     try:
-        blob = storage.read(key, max_bytes=MAX_MANIFEST_BYTES)
+        blob, info = storage.read_object(manifest_key(model), max_bytes=MAX_MANIFEST_BYTES)
     except StorageNotFound:
         return None
-    # The tag read with stat may predate the bytes read: take it again after the read, so a
-    # conditional replace never succeeds on a manifest this reader did not see.
-    after = storage.stat(key)
-    if after is None or after.etag != info.etag:
-        raise ConflictError(f"{key} changed while it was read")
     return open_manifest(blob, keyring, model), info
 
 
@@ -166,10 +157,7 @@ def commit_manifest(
     meanwhile; on a conflict, read it again and re-apply. Returns what was written."""
     key = manifest_key(model)
     for _ in range(attempts):
-        try:
-            current = read_manifest(storage, model, keyring)
-        except ConflictError:
-            continue
+        current = read_manifest(storage, model, keyring)
         updated = change(current[0] if current else None)
         blob = seal_manifest(updated, keyring)
         try:

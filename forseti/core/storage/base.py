@@ -73,6 +73,11 @@ class Storage(abc.ABC):
         StorageError before (or without) reading it all."""
 
     @abc.abstractmethod
+    def read_object(self, key: str, max_bytes: int | None = None) -> tuple[bytes, ObjectInfo]:
+        """The whole object and the tag of exactly those bytes (what a conditional replace
+        of it must name)."""
+
+    @abc.abstractmethod
     def stat(self, key: str) -> ObjectInfo | None:
         """The object's info, or None when it does not exist."""
 

@@ -92,13 +92,17 @@ class LocalStorage(Storage):
         return sorted(found, key=lambda i: i.key)
 
     def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        return self.read_object(key, max_bytes)[0]
+
+    def read_object(self, key: str, max_bytes: int | None = None) -> tuple[bytes, ObjectInfo]:
         try:
             with open(self._path(key), "rb") as fh:
+                st = os.fstat(fh.fileno())
+                info = ObjectInfo(key, *_size_tag(st))
                 if max_bytes is None:
-                    return fh.read()
-                size = os.fstat(fh.fileno()).st_size
-                if size > max_bytes:
-                    raise TooLarge(key, size, max_bytes)
+                    return fh.read(), info
+                if st.st_size > max_bytes:
+                    raise TooLarge(key, st.st_size, max_bytes)
                 blob = fh.read(max_bytes + 1)
         except (FileNotFoundError, NotADirectoryError):
             raise StorageNotFound(f"{key} not found") from None
@@ -108,7 +112,7 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot read {key}: {exc.strerror or type(exc).__name__}") from None
         if len(blob) > max_bytes:
             raise TooLarge(key, len(blob), max_bytes)
-        return blob
+        return blob, info
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:

@@ -171,12 +171,15 @@ class ObjectStoreStorage(Storage):
         return sorted((_info(m) for m in chunks), key=lambda i: i.key)
 
     def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        return self.read_object(key, max_bytes)[0]
+
+    def read_object(self, key: str, max_bytes: int | None = None) -> tuple[bytes, ObjectInfo]:
         try:
             result = obstore.get(self._store, key)
-            size = int(result.meta["size"])
-            if max_bytes is not None and size > max_bytes:
-                raise TooLarge(key, size, max_bytes)
-            return bytes(result.bytes())
+            info = _info(result.meta)
+            if max_bytes is not None and info.size > max_bytes:
+                raise TooLarge(key, info.size, max_bytes)
+            return bytes(result.bytes()), info
         except StorageError:
             raise
         except Exception as exc:
