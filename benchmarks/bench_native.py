@@ -94,6 +94,52 @@ def cpu_per_call_us(url: str, pid: int, calls: int, threads: int = 4) -> float:
     return used / (per_thread * threads) * 1e6
 
 
+def policy_request_bytes() -> bytes:
+    """A batch-1 policy decision as the load generators send it (raw FP32 obs [1, 8])."""
+    import numpy as np
+    from tritonclient.grpc import service_pb2 as pb
+
+    from testkit.load_generator import OBS_DIM
+
+    request = pb.ModelInferRequest(model_name=MODEL)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, OBS_DIM)).astype(np.float32)
+    request.inputs.add(name="obs", datatype="FP32", shape=[1, OBS_DIM])
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+def native_load(urls: list[str], levels: list[int], seconds: float, slice_s: float) -> list[Row]:
+    """The native load generator (forseti_native.closed_loop: C++ threads, a connection each)
+    against every target, in ABCDDCBA slices of `slice_s` until each has `seconds`."""
+    import forseti_native  # type: ignore[import-not-found]
+    import numpy as np
+
+    payload = policy_request_bytes()
+    rows = []
+    for c in levels:
+        lat: dict[int, list[int]] = {i: [] for i in range(len(urls))}
+        recorded = dict.fromkeys(range(len(urls)), 0.0)
+        order = list(range(len(urls)))
+        rounds = max(1, round(seconds / slice_s / 2))
+        for _ in range(rounds):
+            for i in order + order[::-1]:
+                result = forseti_native.closed_loop(urls[i], payload, c, 0.1, slice_s)
+                if result["errors"]:
+                    raise RuntimeError(f"{result['errors']} failed calls against {urls[i]}")
+                lat[i].extend(result["latencies_ns"])
+                recorded[i] += result["seconds"]
+        for i, target in enumerate(TARGETS):
+            values = np.array(lat[i], dtype=np.int64)
+            p50, p99 = (float(v) / 1e3 for v in np.percentile(values, [50, 99]))
+            rows.append(Row(target, c, p50, p99, values.size / recorded[i], int(values.size)))
+            print(
+                f"native load  {target:<15} c={c:<3} p50 {p50:7.0f} us  p99 {p99:7.0f} us  "
+                f"{values.size / recorded[i]:7.0f} calls/s",
+                flush=True,
+            )
+    return rows
+
+
 @dataclass
 class Row:
     target: str
@@ -109,6 +155,7 @@ def run(args: argparse.Namespace) -> dict:
 
     levels = sorted({int(x) for x in args.levels.split(",")})
     rows: list[Row] = []
+    native_rows: list[Row] = []
     cpu: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="forseti-bench-native-") as tmp:
         root = Path(tmp)
@@ -146,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
                         f"p99 {m.p99_ms * 1e3:7.0f} us  {m.rps:7.0f} calls/s",
                         flush=True,
                     )
+            native_rows = native_load(urls, levels, args.duration, args.slice * 2)
             pids = [cpp_floor.proc.pid, py_floor.proc.pid, native.pid, python.pid]  # type: ignore[union-attr]
             for target, url, pid in zip(TARGETS, urls, pids, strict=True):
                 cpu[target] = cpu_per_call_us(url, pid, args.cpu_calls)
@@ -157,22 +205,36 @@ def run(args: argparse.Namespace) -> dict:
                 floor.stop()
             for server in (native, python):
                 server.stop()
+    top = {r.target: r for r in native_rows if r.concurrency == levels[-1]}
+    n1 = {r.target: r for r in native_rows if r.concurrency == levels[0]}
     c1 = {r.target: r for r in rows if r.concurrency == levels[0]}
     target_us = 1.15 * (c1["C++ floor"].p50_us + ort_p50_us)
     return {
         "machine": f"{platform.node()} {os.cpu_count()} cpus (busy shared machine)",
         "ort_in_process_p50_us": ort_p50_us,
         "rows": [asdict(r) for r in rows],
+        "native_load_rows": [asdict(r) for r in native_rows],
         "server_cpu_per_call_us": cpu,
         "target_c1_p50_us": target_us,
         "native_c1_p50_us": c1["Forseti native"].p50_us,
         "target_met_c1_p50": c1["Forseti native"].p50_us <= target_us,
         "target_met_cpu_200us": cpu["Forseti native"] <= 200.0,
+        "top_level": levels[-1],
+        "native_load_top_native_over_python": top["Forseti native"].rps / top["Forseti python"].rps,
+        "native_load_target_c1_p50_us": 1.15 * (n1["C++ floor"].p50_us + ort_p50_us),
+        "native_load_native_c1_p50_us": n1["Forseti native"].p50_us,
     }
 
 
 def print_table(result: dict, levels: list[int]) -> None:
-    rows = [r for r in result["rows"]]
+    _table(result, levels, "rows", "tritonclient (Python) load generator")
+    _table(result, levels, "native_load_rows", "native (C++) load generator")
+    _summary(result)
+
+
+def _table(result: dict, levels: list[int], key: str, title: str) -> None:
+    rows = result[key]
+    print(f"\n{title}")
     print(
         "\n| target | "
         + " | ".join(f"c={c} p50 / p99 (us), calls/s" for c in levels)
@@ -186,12 +248,26 @@ def print_table(result: dict, levels: list[int]) -> None:
             cells.append(f"{r['p50_us']:.0f} / {r['p99_us']:.0f}, {r['rps']:.0f}")
         cpu = result["server_cpu_per_call_us"][target]
         print(f"| {target} | " + " | ".join(cells) + f" | {cpu:.0f} |")
+
+
+def _summary(result: dict) -> None:
     print(
         f"\nin-process onnxruntime p50 {result['ort_in_process_p50_us']:.1f} us; target c=1 p50 "
         f"<= 1.15 x (C++ floor + onnxruntime) = {result['target_c1_p50_us']:.0f} us; Forseti "
         f"native c=1 p50 {result['native_c1_p50_us']:.0f} us "
         f"({'met' if result['target_met_c1_p50'] else 'missed'}); server CPU per decision "
         f"<= 200 us: {'met' if result['target_met_cpu_200us'] else 'missed'}"
+    )
+    met = result["native_load_native_c1_p50_us"] <= result["native_load_target_c1_p50_us"]
+    print(
+        "with the native load generator: target c=1 p50 <= 1.15 x (C++ floor + onnxruntime) = "
+        f"{result['native_load_target_c1_p50_us']:.0f} us; Forseti native c=1 p50 "
+        f"{result['native_load_native_c1_p50_us']:.0f} us ({'met' if met else 'missed'})"
+    )
+    print(
+        f"native load generator, c={result['top_level']}: Forseti native answers "
+        f"{result['native_load_top_native_over_python']:.1f}x the calls/s of Forseti python "
+        "(target >= 3x)"
     )
     print(f"measured on {result['machine']}")
 
