@@ -483,9 +483,9 @@ class ResponseEncoder:
     ) -> pb.ModelInferResponse:
         """The response; `retyped` when an output may not have its config's datatype (a
         classified output is BYTES), so the template is chosen by datatype too."""
-        key = (*names, *[arr.shape for arr in results])
+        key: tuple[object, ...] = (*names, *[arr.shape for arr in results])
         if retyped:
-            key = (*key, *[arr.dtype for arr in results])
+            key = (*key, *[arr.dtype.str for arr in results])
         template = self._templates.get(key)
         if template is None:
             template = pb.ModelInferResponse(

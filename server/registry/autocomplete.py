@@ -32,7 +32,7 @@ DEFAULT_MAX_BATCH_SIZE = 4
 
 _PLATFORM_BY_FILE = {"model.onnx": "onnxruntime_onnx"}
 
-_CONFIG_TYPES = {
+_CONFIG_TYPES: dict[int, int] = {
     TensorProto.BOOL: mc.TYPE_BOOL,
     TensorProto.UINT8: mc.TYPE_UINT8,
     TensorProto.UINT16: mc.TYPE_UINT16,
