@@ -7,9 +7,11 @@ and conditional-write support. Clients that are not installed are skipped.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 from testkit.object_store import s3_server
 
@@ -58,7 +60,7 @@ def main() -> None:
             )
         )
         try:
-            import s3fs
+            s3fs: Any = importlib.import_module("s3fs")  # optional, untyped
         except ImportError:
             s3fs = None
         if s3fs is not None:

@@ -196,3 +196,9 @@ def test_spec_from_dict_names_a_missing_required_field(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         spec_from_dict(data)
     assert info.value.field_name == "env.id"
+
+
+def test_model_repository_may_be_an_object_store_url(tmp_path: Path) -> None:
+    text = MINIMAL.replace('repository = "repo"', 'repository = "s3://host:9000/bucket/models"')
+    spec = load_spec(write(tmp_path, text))
+    assert spec.model.repository == "s3://host:9000/bucket/models"

@@ -198,7 +198,7 @@ def confirm_on_replicas(
 def promote(
     client: grpcclient.InferenceServerClient | Sequence[Replica],
     *,
-    repository: Path,
+    repository: Path | str,
     model: str,
     config_text: str,
     artifacts: Mapping[str, bytes],

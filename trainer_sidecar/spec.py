@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forseti.core.storage import is_remote
+
 ALGORITHMS = ("PPO", "A2C", "DQN", "SAC", "TD3")
 ON_POLICY = ("PPO", "A2C")
 MAX_ENVS = 32
@@ -88,8 +90,9 @@ class PublishedModelSpec:
 
     name: str
     """The model's folder name in the repository (and the run name's first part)."""
-    repository: Path
-    """The model repository promotions publish into (relative: to the spec file's folder)."""
+    repository: Path | str
+    """The model repository promotions publish into (relative: to the spec file's folder), or
+    an object store (``s3://bucket/prefix``; credentials from the AWS environment)."""
     max_batch_size: int = 64
     """The published config's max_batch_size."""
     formats: tuple[str, ...] = ("onnx",)
@@ -305,6 +308,14 @@ class _Section:
             raise SpecError(self.source, self._field(key), "is required")
         return path
 
+    def location(self, key: str, base: Path) -> Path | str:
+        """A folder path (as `required_path`) or an object-store URL kept as written."""
+        value = self.table.get(key)
+        if isinstance(value, str) and is_remote(value):
+            self.used.add(key)
+            return value
+        return self.required_path(key, base)
+
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
@@ -389,7 +400,7 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
         raise SpecError(source, "model.formats", "needs at least one format")
     model = PublishedModelSpec(
         name=s.get("name", str),
-        repository=s.required_path("repository", base),
+        repository=s.location("repository", base),
         max_batch_size=s.positive("max_batch_size"),
         formats=tuple(dict.fromkeys(formats)),
         gguf_type=s.choice("gguf_type", GGUF_TYPES),
@@ -535,6 +546,8 @@ def _from_plain(value: Any, hint: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(hint)):
             return None
+        if set(args) == {Path, str} and isinstance(value, str):
+            return value if is_remote(value) else Path(value)  # a folder or a store URL
         return _from_plain(value, args[0], where) if len(args) == 1 else value
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return _dataclass_from_dict(hint, value, where)

@@ -214,9 +214,11 @@ def publish_model_version(
     if not model or "/" in model or model.startswith("."):
         raise PublishError(f"invalid model name {model!r}")
     config_bytes = config_text.encode() if isinstance(config_text, str) else config_text
-    extras: Callable[[int], Mapping[str, bytes]] = (
-        extra_files if callable(extra_files) else (lambda _n, e=dict(extra_files or {}): e)
-    )
+    fixed_extra = {} if extra_files is None or callable(extra_files) else dict(extra_files)
+
+    def extras(number: int) -> Mapping[str, bytes]:
+        return extra_files(number) if callable(extra_files) else fixed_extra
+
     current = read_manifest(storage, model, keyring) if keyring is not None else None
     config = _config_for_publish(
         storage, model, config_bytes, current[0] if current else None, adopt_config
