@@ -390,10 +390,7 @@ async def serve(options: ServerOptions) -> int:
         http_app = TritonHttpApp(
             service.servicer(),
             http_restrictions,
-            HttpLimits(
-                max_body_bytes=options.max_request_bytes,
-                body_timeout_s=options.http_request_timeout_secs,
-            ),
+            HttpLimits(max_body_bytes=options.max_request_bytes),
             audit_refusal,
         )
         try:

@@ -11,7 +11,6 @@ Restricted API groups (`--http-restricted-api`) are checked before anything is r
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -94,11 +93,9 @@ class Answer:
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """What one request may cost: body size (as gRPC's --max-request-bytes) and the time the
-    client has to send its body."""
+    """What one request may cost: its body size (as gRPC's --max-request-bytes)."""
 
     max_body_bytes: int = 8 * 1024 * 1024
-    body_timeout_s: float = 30.0
 
 
 def _peer(scope: Scope) -> str:
@@ -222,21 +219,13 @@ class TritonHttpApp:
                 f"{limit} bytes (--max-request-bytes)",
                 413,
             )
+        # The time the body may take is kept by the transport (server.py), which answers 408
+        # and disconnects: a receive here then returns http.disconnect.
         chunks: list[bytes] = []
         size = 0
         more = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.body_timeout_s
         while more:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise HttpAbort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"the request body did not arrive within {self.limits.body_timeout_s:g} s",
-                    408,
-                ) from None
+            message = await receive()
             if message["type"] == "http.disconnect":
                 raise HttpAbort(grpc.StatusCode.CANCELLED, "client disconnected")
             chunk = message.get("body", b"")

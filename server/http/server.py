@@ -18,7 +18,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,13 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from forseti.server.http.routes import TritonHttpApp
+from forseti.server.http.routes import Receive, Scope, Send
 from forseti.server.security.restricted import RestrictedProtocols
 from forseti.server.security.tls import TlsError, is_loopback, load_server_pair
 
 log = logging.getLogger(__name__)
+
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class HttpStartError(Exception):
@@ -39,7 +41,7 @@ class HttpStartError(Exception):
 
 @dataclass(frozen=True)
 class TransportLimits:
-    head_timeout_s: float = 30.0
+    head_timeout_s: float = 30.0  # for the request line and headers, and again for the body
     max_head_bytes: int = 64 * 1024
     keep_alive_s: int = 300
     max_connections: int = 4096  # connections and running requests (uvicorn's limit_concurrency)
@@ -65,6 +67,7 @@ def protocol_class(limits: TransportLimits) -> type[HttpToolsProtocol]:
 
     class BoundedProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _body_timer: asyncio.TimerHandle | None = None
         _head_bytes = 0
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
@@ -120,9 +123,30 @@ def protocol_class(limits: TransportLimits) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
+            # the body has its own time, from the end of the head to the end of the message
+            self._body_timer = self.loop.call_later(limits.head_timeout_s, self._body_late)
+
+        def on_message_complete(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+            super().on_message_complete()
+
+        def _body_late(self) -> None:
+            self._body_timer = None
+            if not self.transport.is_closing():
+                log.info("http client too slow to send its request body; closed")
+                _reply(
+                    self.transport,
+                    b"408 Request Timeout",
+                    b"the request body did not arrive within %g s" % limits.head_timeout_s,
+                )
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
             super().connection_lost(exc)
 
     return BoundedProtocol
@@ -176,7 +200,7 @@ class HttpFrontDoor:
 
 
 async def start_http(
-    app: TritonHttpApp,
+    app: AsgiApp,
     address: str,
     port: int,
     tls: ssl.SSLContext | None = None,
