@@ -10,14 +10,14 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2 as pb
 
-from forseti.client import FixedAction, Hedging, LastGoodAction
+from forseti.client import DecisionClient, FixedAction, Hedging, LastGoodAction
 from forseti.client.credentials import TLSConfig, token_metadata
 from forseti.client.endpoints import ReplicaSet
 from forseti.client.errors import ClientConfigError
 from forseti.client.fallback import CallableFallback, as_fallback
 from forseti.client.wire import decode_outputs, infer_request
-from tritonclient.grpc import service_pb2 as pb
 
 OBS = np.zeros(4, np.float32)
 
@@ -180,3 +180,10 @@ def test_importing_the_client_imports_neither_torch_nor_the_server() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_closed_client_refuses_calls() -> None:
+    client = DecisionClient(["127.0.0.1:1"], "policy", fallback=0)
+    client.close()
+    with pytest.raises(ClientConfigError, match="closed"):
+        client.decide(OBS)

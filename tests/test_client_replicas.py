@@ -3,6 +3,7 @@ of one of three under a steady decision loop."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from forseti.client import ClientMetrics, Decision, DecisionClient, Hedging
+from forseti.client import AsyncDecisionClient, ClientMetrics, Decision, DecisionClient, Hedging
 from forseti.core.sealing.keyring import Keyring
 from testkit.delay_proxy import DelayProxy
 from testkit.model_builders import build_repository
@@ -76,6 +77,24 @@ def test_hedging_cuts_the_tail_that_a_slow_replica_makes(
     assert hedged_p99 < SLOW_S
     assert _count(registry, "forseti_client_hedges_total", result="sent") >= 1
     assert _count(registry, "forseti_client_hedges_total", result="won") >= 1
+
+
+def test_the_async_client_hedges_too(replicas: list[ServerProcess]) -> None:
+    async def scenario(slow: DelayProxy) -> list[float]:
+        async with AsyncDecisionClient(
+            [replicas[0].url, slow.address],
+            "policy",
+            deadline_ms=5000,
+            hedging=Hedging(after_ms=20),
+        ) as client:
+            for _ in range(2):
+                await client.decide(OBS)
+            slow.delay_s = SLOW_S
+            return [(await client.decide(OBS)).latency_s for _ in range(8)]
+
+    with DelayProxy(replicas[1].url) as slow:
+        latencies = asyncio.run(scenario(slow))
+    assert max(latencies) < SLOW_S
 
 
 def test_kill_9_of_one_replica_loses_no_decision_and_it_is_probed_back(

@@ -24,7 +24,7 @@ from forseti.client import decision as reasons
 from forseti.client.base import AT_DEADLINE_S, Call, ClientBase
 from forseti.client.decision import Decision
 from forseti.client.endpoints import Endpoint
-from forseti.client.errors import status_of
+from forseti.client.errors import ClientConfigError, status_of
 from forseti.client.health import health_request, health_unimplemented, is_healthy
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ class AsyncDecisionClient(ClientBase):
             now = time.monotonic()
             if self.replicas.uses_dns and now - last_resolve >= self.resolve_every_s:
                 last_resolve = now
-                await asyncio.to_thread(self.replicas.targets)  # warm the resolver off-loop
-                self.replicas.refresh()
+                # getaddrinfo blocks: resolve on a worker thread, not on the caller's loop
+                self.replicas.refresh(await asyncio.to_thread(self.replicas.targets))
                 while self._closing:
                     await self._closing.pop().close()
             for ep in self.replicas.due_for_check(now, self.probe_every_s, self.check_every_s):
@@ -168,6 +168,8 @@ class AsyncDecisionClient(ClientBase):
         return await self._decide(call, bool(parameters))
 
     async def _decide(self, call: Call, has_parameters: bool) -> Decision:
+        if self.closed:
+            raise ClientConfigError("the client is closed")
         if not self._started:
             await self.start()
         local = self.local_decision(call, has_parameters)
@@ -253,7 +255,7 @@ class AsyncDecisionClient(ClientBase):
                     continue
                 wake = call.deadline if hedge is not None else min(call.deadline, hedge_at)
                 done, _ = await asyncio.wait(
-                    list(pending), timeout=max(wake - now, 0.0), return_when="FIRST_COMPLETED"
+                    list(pending), timeout=max(wake - now, 0.0), return_when=asyncio.FIRST_COMPLETED
                 )
                 if not done:
                     if hedge is None and time.monotonic() >= hedge_at:

@@ -5,6 +5,7 @@ clients differ only in how they wait."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
@@ -52,14 +53,16 @@ class DeadlineLateness:
     def __init__(self, initial_s: float = 0.002, window: int = 16) -> None:
         self._recent: deque[float] = deque([initial_s], maxlen=window)
         self._worst = initial_s
+        self._lock = threading.Lock()
 
     def timeout(self, remaining: float) -> float:
         """The gRPC timeout for a call that must end within `remaining` seconds."""
         return remaining - min(self._worst, remaining / 5)
 
     def observe(self, late_s: float) -> None:
-        self._recent.append(max(late_s, 0.0))
-        self._worst = max(self._recent)
+        with self._lock:  # only on a missed deadline: the lock is off the answered path
+            self._recent.append(max(late_s, 0.0))
+            self._worst = max(self._recent)
 
 
 class Call:

@@ -119,10 +119,11 @@ class ReplicaSet:
                 found.setdefault(spec, None)
         return list(found.items())
 
-    def refresh(self) -> None:
-        """Bring the endpoint list in line with the specs (at start, and to follow DNS).
-        A name that resolves to nothing keeps the replicas it had (DNS can fail briefly)."""
-        targets = self.targets()
+    def refresh(self, targets: list[tuple[str, str | None]] | None = None) -> None:
+        """Bring the endpoint list in line with the specs (at start, and to follow DNS), or
+        with `targets` resolved beforehand. A name that resolves to nothing keeps the replicas
+        it had (DNS can fail briefly)."""
+        targets = self.targets() if targets is None else targets
         if not targets and self.endpoints:
             return
         wanted = dict(targets)

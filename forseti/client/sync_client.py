@@ -24,7 +24,7 @@ from forseti.client import decision as reasons
 from forseti.client.base import AT_DEADLINE_S, Call, ClientBase
 from forseti.client.decision import Decision
 from forseti.client.endpoints import Endpoint
-from forseti.client.errors import status_of
+from forseti.client.errors import ClientConfigError, status_of
 from forseti.client.health import health_request, health_unimplemented, is_healthy
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,8 @@ class DecisionClient(ClientBase):
         return self._decide(call, bool(parameters))
 
     def _decide(self, call: Call, has_parameters: bool) -> Decision:
+        if self.closed:
+            raise ClientConfigError("the client is closed")
         local = self.local_decision(call, has_parameters)
         if local is not None:
             return local
