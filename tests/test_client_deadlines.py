@@ -4,6 +4,7 @@ server is slow, the late call dropped, retries only where they can help, batches
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -174,6 +175,33 @@ def test_an_unreachable_replica_is_skipped_and_ejected_after_its_first_failure(
     assert registry.get_sample_value(
         "forseti_client_replica_ejections_total", {"model": "policy", "endpoint": dead}
     )
+
+
+def test_a_replica_that_accepts_but_never_answers_costs_one_connect_timeout(
+    servers: list[ServerProcess],
+) -> None:
+    silent = socket.socket()  # takes connections, never speaks HTTP/2
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        with DecisionClient(
+            [address, servers[0].url],
+            "policy",
+            deadline_ms=2000,
+            fallback=-1,
+            connect_timeout_ms=50,
+            probe_every_s=60,
+        ) as client:
+            timed = []
+            for _ in range(4):
+                started = time.monotonic()
+                decision = client.decide(OBS)
+                timed.append((decision, time.monotonic() - started))
+    finally:
+        silent.close()
+    assert all(d.endpoint == servers[0].url for d, _ in timed)
+    assert all(elapsed < 1.0 for _, elapsed in timed)  # far from the 2 s deadline
 
 
 def test_batches_keys_versions_and_parameters(servers: list[ServerProcess]) -> None:
