@@ -81,6 +81,7 @@ class Gil {
 
 struct InputSpec {
   std::string name;
+  py::str py_name;  // the feed's key, made once
   std::string datatype;
   std::vector<int64_t> dims;  // without the batch dimension; -1: any
   int64_t item_nbytes;        // bytes of one batch item; 0: variable (BYTES)
@@ -96,6 +97,7 @@ struct Route {
   int64_t max_batch = 0;  // 0: the model does not batch
   std::vector<InputSpec> inputs;
   std::vector<std::string> outputs;  // every output, in config order
+  py::list py_outputs;                // the same, as the names handed to run()
   py::object lv;
   py::object run;
   py::object record_success;
@@ -123,6 +125,8 @@ struct Route {
     }
     // Python references go while the GIL is held, not after this body.
     inputs.clear();
+    py_outputs.dec_ref();
+    py_outputs.release();
     lv = py::object();
     run = py::object();
     record_success = py::object();
@@ -641,12 +645,11 @@ Native Call::TryInfer(grpc::Status* status) {
         py::array array(specs[i]->dtype, shape, std::vector<py::ssize_t>{},
                         const_cast<char*>(data.data()), keep);
         py::detail::array_proxy(array.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-        feeds[py::str(tensor.name())] = array;
+        feeds[specs[i]->py_name] = array;
       }
-      py::list wanted;
-      if (names.empty()) {
-        for (const auto& name : r.outputs) wanted.append(py::str(name));
-      } else {
+      py::list wanted = r.py_outputs;
+      if (!names.empty()) {
+        wanted = py::list();
         for (const auto* name : names) wanted.append(py::str(*name));
       }
       const int64_t decoded = MonotonicNs();
@@ -658,6 +661,10 @@ Native Call::TryInfer(grpc::Status* status) {
       response->set_model_version(r.version);
       response->set_id(request->id());
       const size_t count = results.size();
+      if (count != (names.empty() ? r.outputs.size() : names.size())) {
+        PyErr_SetString(PyExc_RuntimeError, "the backend returned another number of outputs");
+        throw py::error_already_set();
+      }
       for (size_t i = 0; i < count; ++i) {
         py::array array = py::array::ensure(results[i], py::array::c_style);
         if (!array) throw py::error_already_set();
@@ -667,7 +674,7 @@ Native Call::TryInfer(grpc::Status* status) {
           throw py::error_already_set();
         }
         auto* out = response->add_outputs();
-        out->set_name(wanted[i].cast<std::string>());
+        out->set_name(names.empty() ? r.outputs[i] : *names[i]);
         out->set_datatype(datatype);
         for (py::ssize_t d = 0; d < array.ndim(); ++d) out->add_shape(array.shape(d));
         response->add_raw_output_contents(static_cast<const char*>(array.data()), array.nbytes());
@@ -815,8 +822,9 @@ PYBIND11_MODULE(forseti_native, m) {
              r->version = std::move(version);
              r->max_batch = max_batch;
              for (auto& [name, datatype, dims, item_nbytes, dtype] : inputs)
-               r->inputs.push_back(InputSpec{name, datatype, dims, item_nbytes, dtype});
+               r->inputs.push_back(InputSpec{name, py::str(name), datatype, dims, item_nbytes, dtype});
              r->outputs = std::move(outputs);
+             for (const auto& name : r->outputs) r->py_outputs.append(py::str(name));
              r->lv = std::move(lv);
              r->run = std::move(run);
              r->record_success = std::move(record_success);
