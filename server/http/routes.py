@@ -17,7 +17,7 @@ import logging
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import json_format
@@ -125,7 +125,7 @@ class Call:
     version: str
     headers: dict[str, str]
     body: bytes
-    context: HttpCallContext
+    context: grpc.aio.ServicerContext[Any, Any]  # an HttpCallContext, as the servicer sees it
     query: bytes = b""
 
 
@@ -172,7 +172,7 @@ class TritonHttpApp:
             return found
         endpoint, protocol, rpc, model, version = found
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        context = HttpCallContext(_peer(scope))
+        context = cast("grpc.aio.ServicerContext[Any, Any]", HttpCallContext(_peer(scope)))
         group = self.by_protocol.get(protocol)
         if group is not None:
             await self._check_restriction(group, headers, context, rpc)
@@ -181,7 +181,11 @@ class TritonHttpApp:
         return await endpoint(self, call)
 
     async def _check_restriction(
-        self, group: ProtocolGroup, headers: dict[str, str], context: HttpCallContext, rpc: str
+        self,
+        group: ProtocolGroup,
+        headers: dict[str, str],
+        context: grpc.aio.ServicerContext[Any, Any],
+        rpc: str,
     ) -> None:
         presented = headers.get(group.header)
         if presented is not None and group.accepts(presented):
@@ -289,7 +293,7 @@ class TritonHttpApp:
                 refusal_message(
                     "ModelInfer",
                     InvalidArgument(
-                        f"Inference-Header-Content-Length '{header[:32]}' is not a number"
+                        f"Inference-Header-Content-Length '{str(header)[:32]}' is not a number"
                     ),
                 ),
             ) from None

@@ -70,7 +70,7 @@ def protocol_class(limits: TransportLimits) -> type[HttpToolsProtocol]:
         _body_timer: asyncio.TimerHandle | None = None
         _head_bytes = 0
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
             # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP, which the
             # listening socket bound here is not: without it a response's head and body wait
