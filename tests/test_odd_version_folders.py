@@ -90,7 +90,8 @@ def test_reseal_skips_odd_version_folders(own_repo: Path, own_keyring: Path) -> 
     resealed = {p.relative_to(own_repo).parts[:2] for p in (r.path for r in report.resealed)}
     assert resealed == {("policy", "1"), ("simple", "1"), ("all_types", "1")}
     # The odd folders' files were left as they were, under the old key.
-    assert scan_key_usage([own_repo]).counts()[new_key.key_id] == 3
+    # three artifacts and the three models' manifests
+    assert scan_key_usage([own_repo]).counts()[new_key.key_id] == 6
 
 
 STATE = {

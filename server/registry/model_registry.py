@@ -383,27 +383,24 @@ class ModelRegistry:
         plan = await self._plan(entry, listing)
         new_map: dict[int, LoadedVersion] = {}
         failures: dict[int, str] = {}
-        notes: dict[int, str] = {}
         for v in plan.wanted:
             existing = entry.versions.get(v)
             listed = plan.listing.versions.get(v)
             if listed is None:
-                # Listed in the manifest but gone from the repository: never fall back to an
-                # older version because of that; what is loaded keeps serving.
+                # Committed but gone from the repository: a failed load like any other, so
+                # the loaded copy keeps serving (and says why) and the model never falls back
+                # to an older version because of it.
+                failures[v] = (
+                    "missing artifact: the version is committed in the model manifest but its "
+                    "files are not in the repository"
+                )
+                log.warning(
+                    "version load failed",
+                    extra={"model": entry.name, "version": v, "reason": failures[v]},
+                )
                 if existing is not None:
                     new_map[v] = existing
-                    notes[v] = (
-                        "version folder missing from the repository; the loaded copy keeps serving"
-                    )
-                    log.warning(
-                        "committed version missing from the repository; keeps serving",
-                        extra={"model": entry.name, "version": v},
-                    )
                 else:
-                    failures[v] = (
-                        "missing artifact: the version is committed in the model manifest "
-                        "but not found in the repository"
-                    )
                     entry.status[v] = VersionStatus(UNAVAILABLE, failures[v])
                 continue
             if existing is not None and not force:
@@ -430,7 +427,7 @@ class ModelRegistry:
         for v in new_map:
             # A version whose reload failed keeps serving its previous load; say so.
             reason = f"reload failed, previous load serving: {failures[v]}" if v in failures else ""
-            entry.status[v] = VersionStatus(READY, notes.get(v, reason))
+            entry.status[v] = VersionStatus(READY, reason)
         if failures:
             summary = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
             entry.reason = summary if not entry.versions else ""
