@@ -4,6 +4,8 @@ of one of three under a steady decision loop."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -95,6 +97,41 @@ def test_the_async_client_hedges_too(replicas: list[ServerProcess]) -> None:
     with DelayProxy(replicas[1].url) as slow:
         latencies = asyncio.run(scenario(slow))
     assert max(latencies) < SLOW_S
+
+
+def test_a_paused_replica_costs_a_deadline_or_two_then_is_ejected_and_probed_back(
+    replicas: list[ServerProcess],
+) -> None:
+    paused = replicas[1]
+    deadline_s = 0.3
+    with DecisionClient(
+        [replicas[0].url, paused.url],
+        "policy",
+        deadline_ms=deadline_s * 1000,
+        fallback=-1,
+        eject_after_timeouts=2,
+        probe_every_s=0.2,
+        probe_timeout_s=0.5,
+    ) as client:
+        for _ in range(4):
+            client.decide(OBS, deadline_ms=5000)  # both connected
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            timed = []
+            for _ in range(10):
+                started = time.monotonic()
+                timed.append((client.decide(OBS), time.monotonic() - started))
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        end = time.monotonic() + 15
+        back = False
+        while not back and time.monotonic() < end:
+            back = client.decide(OBS, deadline_ms=5000).endpoint == paused.url
+    assert all(elapsed <= deadline_s + SLACK_S for _, elapsed in timed)
+    fallbacks = [d for d, _ in timed if d.fallback_used]
+    assert 1 <= len(fallbacks) <= 2  # its calls until two deadline misses ejected it
+    assert all(d.fallback_reason == "deadline" for d in fallbacks)
+    assert back, "the resumed replica was never probed back into rotation"
 
 
 def test_kill_9_of_one_replica_loses_no_decision_and_it_is_probed_back(
