@@ -172,6 +172,13 @@ class ModelRegistry:
             self._names = (time.monotonic(), names)
         return name in names
 
+    def _exists_now(self, name: str) -> bool:
+        """in_repository without the remote names' cache: a load must see a model published
+        a moment ago."""
+        if self.storage.local_root() is None:
+            self._names = (-_NAMES_TTL_S, self._names[1])
+        return self.in_repository(name)
+
     def model_names_in_repository(self) -> list[str]:
         """Model folders in the repository now (one listing of its root)."""
         names = list_model_names(self.storage)
@@ -194,7 +201,7 @@ class ModelRegistry:
         config for this load and later reloads, until a load without one.
         Raises ModelLoadError when anything failed; whatever was live before keeps serving.
         """
-        if listing is None and not self.in_repository(name):
+        if listing is None and not self._exists_now(name):
             raise NotFound(f"model '{shown(name)}' is not in the model repository")
         if config_override is not None:
             self.config_overrides[name] = config_override
