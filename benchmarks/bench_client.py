@@ -109,18 +109,18 @@ def overhead(url: str, concurrency: int, rounds: int, slice_s: float) -> dict[st
     makers = {"tritonclient.infer": _triton_call, "DecisionClient.decide": _decide_call}
     samples: dict[str, list[float]] = {name: [] for name in makers}
     if concurrency == 1:
-        pairs = {name: make(url) for name, make in makers.items()}
-        for call, _ in pairs.values():
+        alternating = {name: make(url) for name, make in makers.items()}
+        for call, _ in alternating.values():
             call()
         stop_at = time.perf_counter() + rounds * slice_s * 2
         record_after = time.perf_counter() + WARMUP_S
         while time.perf_counter() < stop_at:
-            for name, (call, _) in pairs.items():
+            for name, (call, _) in alternating.items():
                 started = time.perf_counter()
                 call()
                 if started >= record_after:
                     samples[name].append(time.perf_counter() - started)
-        for _, close in pairs.values():
+        for _, close in alternating.values():
             close()
         return {name: _stats(s) for name, s in samples.items()}
     # The way a service would use it: one client (one channel) shared by every thread.
@@ -129,13 +129,14 @@ def overhead(url: str, concurrency: int, rounds: int, slice_s: float) -> dict[st
     names = [*makers, shared_name]
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
+            pairs: list[tuple[Callable[[], object], Callable[[], None]]]
             if name == shared_name:
-                call, close = _decide_call(url)
-                pairs = [(call, close)] + [(call, lambda: None)] * (concurrency - 1)
+                shared, close = _decide_call(url)
+                pairs = [(shared, close)] + [(shared, lambda: None)] * (concurrency - 1)
             else:
                 pairs = [makers[name](url) for _ in range(concurrency)]
-            for call, _ in pairs:  # connect and warm each channel
-                call()
+            for warm, _ in pairs:  # connect and warm each channel
+                warm()
             samples[name] += _slice([c for c, _ in pairs], slice_s)
             for _, close in pairs:
                 close()

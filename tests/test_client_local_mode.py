@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from forseti.client import DecisionClient, DecisionRejected, LocalPolicy
+from forseti.core.repository.manifest import commit_manifest, pinned
 from forseti.core.sealing.keyring import Keyring
+from forseti.core.sealing.sealed import seal_bytes
+from forseti.core.storage import open_storage
 from testkit.model_builders import policy_onnx, publish_sealed
 from testkit.server_process import ServerProcess
 
@@ -50,6 +53,33 @@ def test_a_version_that_fails_to_open_leaves_the_local_one_answering(
     assert answered is not None
     outputs, version = answered
     assert version == "1" and outputs["action"].tolist() == [[1]]
+
+
+def test_a_version_folder_added_without_the_manifest_is_never_opened(
+    repository: Path, keyring: Keyring, keyring_path: Path
+) -> None:
+    local = LocalPolicy(repository, "policy", keyring_path, poll_s=0)
+    folder = repository / "policy" / "2"  # sealed with the key, but not published
+    folder.mkdir()
+    blob = seal_bytes(policy_onnx(2), keyring, model="policy", version=2, filename="model.onnx")
+    (folder / "model.onnx.sealed").write_bytes(blob)
+    local.refresh()
+    assert local.version == 1
+
+
+def test_local_mode_follows_a_rollback_pin_in_the_manifest(
+    repository: Path, keyring: Keyring, keyring_path: Path
+) -> None:
+    publish_sealed(repository, "policy", policy_onnx(2), keyring, version=2)
+    local = LocalPolicy(repository, "policy", keyring_path, poll_s=0)
+    assert local.version == 2
+    commit_manifest(
+        open_storage(repository),
+        "policy",
+        keyring,
+        lambda manifest: pinned(manifest, [1], "rollback"),  # type: ignore[arg-type]
+    )
+    assert local.refresh() and local.version == 1
 
 
 def test_the_server_answers_what_local_mode_cannot(
