@@ -78,7 +78,9 @@ examples:
       --format onnx --seal --model cartpole --version 3 -o stage/3/model.onnx \\
       --config-dir stage
   (then publish in one step: mv stage/3 repo/cartpole/3, with repo/cartpole/config.pbtxt
-  from stage/ if the model is new)
+  from stage/ if the model is new, and commit it with the key: forseti seal --keyring
+  keyring.json repo; or export without --seal and let forseti publish seal, publish and
+  commit: forseti publish --keyring keyring.json --model-repository repo cartpole policy.onnx)
   forseti export llama.safetensors --format gguf --gguf-type Q8_0 -o llama.gguf
 
 exit status: 0 written; 1 export failed (checkpoint does not open or validate, parity check
