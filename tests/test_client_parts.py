@@ -1,16 +1,19 @@
-"""The decision client's parts without a server: fallbacks, the replica set, the hedging
-delay, request encoding, tokens, and that importing the client imports no torch."""
+"""The decision client's parts without a Forseti server: fallbacks, the replica set, the
+hedging delay, request encoding, tokens, health checks against a bare KServe servicer, and that
+importing the client imports no torch."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from forseti.client import DecisionClient, FixedAction, Hedging, LastGoodAction
 from forseti.client.credentials import TLSConfig, token_metadata
@@ -187,3 +190,26 @@ def test_a_closed_client_refuses_calls() -> None:
     client.close()
     with pytest.raises(ClientConfigError, match="closed"):
         client.decide(OBS)
+
+
+class _ReadyOnly(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """A KServe server with ModelReady only and no grpc.health.v1 service (an older server)."""
+
+    def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=request.name == "policy")
+
+
+def test_health_falls_back_to_model_ready_where_there_is_no_health_service() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_ReadyOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with (
+            DecisionClient([f"127.0.0.1:{port}"], "policy", probe_every_s=60) as ready,
+            DecisionClient([f"127.0.0.1:{port}"], "other", probe_every_s=60) as missing,
+        ):
+            assert ready.check(ready.replicas.endpoints[0])
+            assert not missing.check(missing.replicas.endpoints[0])
+    finally:
+        server.stop(0)
