@@ -204,6 +204,15 @@ def test_a_replica_that_accepts_but_never_answers_costs_one_connect_timeout(
     assert all(elapsed < 1.0 for _, elapsed in timed)  # far from the 2 s deadline
 
 
+def test_a_dns_name_stands_for_every_replica_behind_it(servers: list[ServerProcess]) -> None:
+    port = servers[0].url.rpartition(":")[2]
+    with DecisionClient(f"dns:///localhost:{port}", "policy", deadline_ms=2000) as client:
+        decisions = [client.decide(OBS) for _ in range(4)]
+        addresses = {e.address for e in client.replicas.endpoints}
+    assert f"127.0.0.1:{port}" in addresses  # and [::1] where localhost has it too
+    assert all(not d.fallback_used for d in decisions)
+
+
 def test_batches_keys_versions_and_parameters(servers: list[ServerProcess]) -> None:
     fallback = LastGoodAction(default=-1)
     with DecisionClient([servers[1].url], "policy", deadline_ms=2000, fallback=fallback) as client:
