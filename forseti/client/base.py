@@ -113,7 +113,10 @@ class ClientBase:
     :param connect_timeout_ms: an attempt on a replica that is not connected yet gets at most
         this long, so that a dead address does not eat the whole deadline.
     :param probe_every_s: how often an ejected replica is probed; `check_every_s` how often a
-        healthy one is checked; `resolve_every_s` how often DNS names are resolved again.
+        healthy one is checked; `resolve_every_s` how often DNS names are resolved again;
+        `probe_timeout_s` how long a health check may take.
+    :param eject_after: consecutive failed calls (UNAVAILABLE) that eject a replica;
+        `eject_after_timeouts` consecutive deadline misses that do.
     :param fallback_on_rejection: answer a rejected request (INVALID_ARGUMENT and the like)
         with the fallback instead of raising DecisionRejected. It is never retried either way.
     :param headers: extra metadata sent with every call.
