@@ -142,3 +142,9 @@ def test_a_request_of_another_shape_sends_the_waiting_batch_and_waits_itself() -
     assert max(answered[:2]) < 0.1 + DELAY_S * 0.5
     assert answered[2] >= 0.1 + DELAY_S * 0.9
     assert executed == {4: 1, 1: 1}
+
+
+def test_a_request_past_the_largest_preferred_size_runs_at_once() -> None:
+    (answered,), executed = _batcher_timings([(0.0, 7, 4)])
+    assert answered < DELAY_S * 0.5
+    assert executed == {7: 1}

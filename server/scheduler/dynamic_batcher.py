@@ -4,9 +4,10 @@ Requests wait in per-priority queues; `instance_count` executors each take a bat
 a worker thread, and hand each request its slice of the outputs. A batch runs as soon as the
 requests at the front of the queue add up to a preferred size (the largest they can), when the
 next one would take it past the largest preferred size, `max_batch_size` or to another shape,
-or when it is full; any other batch (one batch-3 request with preferred sizes [2, 6], say)
-waits until the oldest request has waited `max_queue_delay_microseconds` (the event loop's
-timers round that up to whole milliseconds; 0 runs at once), as Triton's dynamic batcher does.
+or when it is full or past the largest preferred size; any other batch (one batch-3 request
+with preferred sizes [2, 6], say) waits until the oldest request has waited
+`max_queue_delay_microseconds` (the event loop's timers round that up to whole milliseconds; 0
+runs at once), as Triton's dynamic batcher does.
 A full queue refuses at once (RESOURCE_EXHAUSTED); a request whose timeout (its requested
 timeout, the queue policy's default, or the caller's deadline) expires while queued is dropped
 before it is computed; a cancelled request is skipped.
@@ -215,7 +216,8 @@ class DynamicBatcher:
         max_batch_size and their inner shapes match. It runs at once when it reaches a
         preferred size (the largest prefix that is one), when the next request would take it
         past the largest preferred size, past max_batch_size or to another shape, or when it
-        is full; otherwise it waits until the oldest request has waited the maximum delay.
+        is full or past the largest preferred size; otherwise it waits until the oldest
+        request has waited the maximum delay.
         Cancelled and expired requests met on the way leave the queue."""
         s = self.settings
         now = _now_ns()
@@ -263,7 +265,9 @@ class DynamicBatcher:
         exceeded = delay != 0 and waited >= delay
         if best and not exceeded:
             return picked[:best], 0
-        if send_now or total >= s.max_batch_size or exceeded or delay == 0:
+        # A batch at or past the largest preferred size cannot become one by waiting.
+        at_max = total >= s.max_batch_size or (bool(s.preferred) and total >= s.max_preferred)
+        if send_now or at_max or exceeded or delay == 0:
             return picked, 0
         return [], delay - waited
 
