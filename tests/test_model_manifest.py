@@ -218,3 +218,30 @@ def test_allow_plaintext_serves_a_plain_triton_model_and_warns_at_start(
         assert served(client, "plain") == 1
     finally:
         client.close()
+
+
+def test_two_publishers_on_a_folder_commit_distinct_versions_in_one_manifest(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    import threading
+
+    from forseti.core.repository.manifest import read_manifest
+    from forseti.core.storage import open_storage
+
+    repo = tmp_path / "repo"
+    write_config(repo, "policy", POLICY_CONFIG)
+    got: list[int] = []
+
+    def publisher(tag: int) -> None:
+        for n in range(3):
+            got.append(publish_sealed(repo, "policy", policy_onnx(tag + n), keyring))
+
+    threads = [threading.Thread(target=publisher, args=(10 * i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    found = read_manifest(open_storage(repo), "policy", keyring)
+    assert found is not None and sorted(found[0].versions) == [1, 2, 3, 4, 5, 6]
+    assert found[0].serial == 6
