@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 
 from forseti.client import (
@@ -44,6 +47,12 @@ QUEUED_CONFIG = POLICY_CONFIG.replace('name: "policy"', 'name: "queued"') + (
     "dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 1000000 }\n"
 )
 
+# "bounded" holds one queued request at most: a second one is RESOURCE_EXHAUSTED at once.
+BOUNDED_CONFIG = POLICY_CONFIG.replace('name: "policy"', 'name: "bounded"') + (
+    "dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 300000 "
+    "default_queue_policy { max_queue_size: 1 } }\n"
+)
+
 
 @pytest.fixture(scope="module")
 def servers(
@@ -54,6 +63,8 @@ def servers(
     build_repository(repo, keyring)
     write_config(repo, "queued", QUEUED_CONFIG)
     publish_sealed(repo, "queued", policy_onnx(1), keyring, version=1)
+    write_config(repo, "bounded", BOUNDED_CONFIG)
+    publish_sealed(repo, "bounded", policy_onnx(1), keyring, version=1)
     args = ["--model-control-mode", "explicit", "--load-model", "*"]
     servers = [ServerProcess(repo, keyring_path, args) for _ in range(2)]
     with ThreadPoolExecutor(2) as pool:  # started side by side: each waits for its port
@@ -67,6 +78,16 @@ def _failures(server: ServerProcess, model: str) -> int:
     with server.client() as client:
         (stats,) = client.get_inference_statistics(model, "1").model_stats
     return int(stats.inference_stats.fail.count)
+
+
+def _queued(server: ServerProcess, model: str) -> int:
+    """Requests the server has taken for `model` and not finished (pending)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as page:
+        text = page.read().decode()
+    for line in text.splitlines():
+        if line.startswith("nv_inference_pending_request_count") and f'model="{model}"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
 
 
 def _executions(server: ServerProcess, model: str) -> int:
@@ -142,6 +163,36 @@ def test_bad_input_is_rejected_once_and_never_retried(servers: list[ServerProces
     assert "obs" in rejected.value.message
     assert sum(_failures(s, "policy") for s in servers) - before == 1
     assert registry.get_sample_value("forseti_client_retries_total", {"model": "policy"}) is None
+
+
+def test_an_overloaded_replica_is_retried_elsewhere_and_kept_in_rotation(
+    servers: list[ServerProcess],
+) -> None:
+    registry = CollectorRegistry()
+    with (
+        servers[0].client() as blocker_client,
+        DecisionClient(
+            [s.url for s in servers],
+            "bounded",
+            deadline_ms=3000,
+            metrics=ClientMetrics(registry),
+        ) as client,
+    ):
+        blocker = grpcclient.InferInput("obs", [1, 8], "FP32")
+        blocker.set_data_from_numpy(OBS[None])
+        done = threading.Event()
+        blocker_client.async_infer("bounded", [blocker], lambda result, error: done.set())
+        end = time.monotonic() + 5  # until the blocker sits in the first replica's queue
+        while time.monotonic() < end and _queued(servers[0], "bounded") < 1:
+            time.sleep(0.01)
+        decision = client.decide(OBS)  # round robin starts with the first replica
+        healthy = client.replicas.healthy_count()
+        done.wait(10)
+    assert not decision.fallback_used and decision.endpoint == servers[1].url
+    assert registry.get_sample_value(
+        "forseti_client_retries_total", {"model": "bounded", "code": "RESOURCE_EXHAUSTED"}
+    )
+    assert healthy == 2  # overload is not a reason to eject
 
 
 def test_a_rejection_can_be_answered_with_the_fallback_instead(
