@@ -11,6 +11,9 @@ import asyncio
 import http.client
 import json
 import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ import tritonclient.http.aio as aiohttpclient
 from tritonclient.utils import InferenceServerException
 
 from forseti.core.sealing.keyring import Keyring
+from testkit.certificates import make_certificates
 from testkit.fuzz_requests import DATATYPES
 from testkit.model_builders import build_repository, policy_onnx, publish_sealed
 from testkit.server_process import ServerProcess, run_forseti, serve_args
@@ -472,3 +476,65 @@ def test_explicit_mode_on_a_public_http_address_without_a_guard_is_refused(
     assert done.returncode == 2, done.stderr
     assert "--http-address 0.0.0.0" in done.stderr
     assert "--http-restricted-api=model-repository:" in done.stderr
+
+
+def test_https_with_http_ssl_cert_and_key(
+    tmp_path: Path, keyring: Keyring, keyring_path: Path
+) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    build_repository(repo, keyring)
+    srv = ServerProcess(
+        repo,
+        keyring_path,
+        [
+            "--http-ssl-cert",
+            str(certs.server.cert),
+            "--http-ssl-key",
+            str(certs.server.key),
+        ],
+    ).start()
+    try:
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.http_port, context=context, timeout=30)
+        conn.request("GET", "/v2/models/simple/ready")
+        assert conn.getresponse().status == 200
+        conn.close()
+        plain = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=30)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain.request("GET", "/v2/health/live")
+            plain.getresponse()
+        plain.close()
+    finally:
+        srv.stop()
+
+
+def test_allow_grpc_false_serves_http_alone(tmp_path: Path, keyring: Keyring) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    build_repository(repo, keyring)
+    keyring_file = tmp_path / "keyring.json"
+    keyring.save(keyring_file)
+    args = serve_args(repo, keyring_file, "--allow-grpc", "false", "--drain-seconds", "0")
+    port = int(args[args.index("--http-port") + 1])
+    grpc_port = int(args[args.index("--grpc-port") + 1])
+    proc = subprocess.Popen([sys.executable, "-m", "forseti", *args], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        status = 0
+        while time.monotonic() < deadline and status != 200:
+            assert proc.poll() is None
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/v2/health/ready")
+                status = conn.getresponse().status
+                conn.close()
+            except OSError:
+                time.sleep(0.05)
+        assert status == 200
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", grpc_port), timeout=5).close()
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
