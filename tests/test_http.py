@@ -538,3 +538,17 @@ def test_allow_grpc_false_serves_http_alone(tmp_path: Path, keyring: Keyring) ->
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_load_with_a_config_override_over_http(guarded: ServerProcess) -> None:
+    admin = {"forseti-admin": TOKEN}
+    with httpclient.InferenceServerClient(guarded.http_url) as c:
+        with pytest.raises(InferenceServerException) as err:
+            c.load_model("simple", headers=admin, config='"max_batch_size": {{')
+        assert err.value.status() == "400"
+        assert "failed to load" in err.value.message()
+        assert c.get_model_config("simple")["max_batch_size"] == 8
+        c.load_model("simple", headers=admin, config='{"max_batch_size": 16}')
+        assert c.get_model_config("simple")["max_batch_size"] == 16
+        c.load_model("simple", headers=admin)  # back to its config.pbtxt
+        assert c.get_model_config("simple")["max_batch_size"] == 8
