@@ -245,3 +245,34 @@ def test_two_publishers_on_a_folder_commit_distinct_versions_in_one_manifest(
     found = read_manifest(open_storage(repo), "policy", keyring)
     assert found is not None and sorted(found[0].versions) == [1, 2, 3, 4, 5, 6]
     assert found[0].serial == 6
+
+
+def test_explicit_mode_serves_a_rollback_at_the_next_load(tmp_path: Path, keyring: Keyring) -> None:
+    import asyncio
+
+    from forseti.core.repository.manifest import ModelManifest, commit_manifest, pinned
+    from forseti.core.storage import open_storage
+    from forseti.server.registry.model_registry import ModelRegistry
+
+    repo = tmp_path / "repo"
+    write_config(repo, "policy", POLICY_CONFIG)
+    for tag in (1, 2):
+        publish_sealed(repo, "policy", policy_onnx(tag), keyring)
+    registry = ModelRegistry(repo, keyring, allow_plaintext=False)
+
+    def pin_v1(current: ModelManifest | None) -> ModelManifest:
+        assert current is not None
+        return pinned(current, [1], "rollback")
+
+    async def scenario() -> list[list[int]]:
+        seen = []
+        await registry.load_model("policy")
+        seen.append([lv.version for lv in registry.versions_of("policy")])
+        commit_manifest(open_storage(repo), "policy", keyring, pin_v1)
+        seen.append([lv.version for lv in registry.versions_of("policy")])  # no load yet
+        await registry.load_model("policy")
+        seen.append([lv.version for lv in registry.versions_of("policy")])
+        registry.release_all()
+        return seen
+
+    assert asyncio.run(scenario()) == [[2], [2], [1]]
