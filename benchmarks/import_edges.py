@@ -16,7 +16,7 @@ from collections import Counter
 
 from testkit.import_graph import ROOT, part_of, scan
 
-ORDER = ("cli", "core", "server", "exporters", "trainer_sidecar", "loadtests")
+ORDER = ("cli", "core", "server", "exporters", "trainer_sidecar", "loadtests", "client")
 
 
 def table(title: str, counts: Counter[tuple[str, str]]) -> str:
