@@ -103,7 +103,8 @@ def main() -> int:
     port, metrics = free_port(), free_port()
     serve = [sys.executable, "-m", "forseti", "serve", "--model-repository", str(REPO),
              "--keyring", str(KEYRING), "--grpc-address", "127.0.0.1", "--grpc-port", str(port),
-             "--metrics-port", str(metrics), "--model-control-mode", "explicit",
+             "--metrics-port", str(metrics), "--http-port", str(free_port()),
+             "--model-control-mode", "explicit",
              "--log-level", "WARNING"]  # fmt: skip
     print(f"2. server: forseti serve --model-repository {REPO} ... (127.0.0.1:{port})")
     server = subprocess.Popen(serve, stderr=subprocess.DEVNULL)
