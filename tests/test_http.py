@@ -552,3 +552,15 @@ def test_load_with_a_config_override_over_http(guarded: ServerProcess) -> None:
         assert c.get_model_config("simple")["max_batch_size"] == 16
         c.load_model("simple", headers=admin)  # back to its config.pbtxt
         assert c.get_model_config("simple")["max_batch_size"] == 8
+
+
+def test_async_infer_of_the_sync_client(server: ServerProcess) -> None:
+    with httpclient.InferenceServerClient(server.http_url, concurrency=4) as c:
+        pending = [
+            c.async_infer("simple", _simple_inputs(i % 2 == 0), request_id=str(i)) for i in range(8)
+        ]
+        results = [p.get_result(timeout=30) for p in pending]
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    for i, result in enumerate(results):
+        assert result.get_response()["id"] == str(i)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + 3)
