@@ -198,7 +198,10 @@ def test_spec_from_dict_names_a_missing_required_field(tmp_path: Path) -> None:
     assert info.value.field_name == "env.id"
 
 
-def test_model_repository_may_be_an_object_store_url(tmp_path: Path) -> None:
+def test_repository_and_checkpoint_directory_may_be_object_store_urls(tmp_path: Path) -> None:
     text = MINIMAL.replace('repository = "repo"', 'repository = "s3://host:9000/bucket/models"')
+    text += '\n[checkpoint]\ndirectory = "s3://bucket/runs/cartpole"\n'
     spec = load_spec(write(tmp_path, text))
     assert spec.model.repository == "s3://host:9000/bucket/models"
+    assert spec.checkpoint.directory == "s3://bucket/runs/cartpole"
+    assert spec_from_dict(spec.to_dict()) == spec

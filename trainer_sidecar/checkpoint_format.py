@@ -3,8 +3,12 @@ and finding the newest usable one of a run.
 
 A checkpoint is a folder ``<run_dir>/checkpoints/<N>/`` published like a model version (a
 hidden temporary folder renamed to its number in one step, so a reader never sees half of
-one, even after kill -9). Every file in it is sealed (AES-256-GCM bound to run name, N and
-file name); nothing is ever written in plaintext, and nothing is pickled:
+one, even after kill -9). The run directory may be an object store (``s3://bucket/run``): then
+the number is claimed, the objects written and a commit marker written last, and a checkpoint
+without its marker does not exist for a reader (forseti.core.repository.publish).
+
+Every file in it is sealed (AES-256-GCM bound to run name, N and file name); nothing is ever
+written in plaintext, and nothing is pickled:
 
 =================================  ==========================================================
 ``policy.safetensors``             module state dicts (``policy``) and torch variables
@@ -41,9 +45,16 @@ import safetensors.numpy as st_numpy
 from safetensors import SafetensorError
 
 from forseti.core.repository.layout import parse_version_name, version_dirs
-from forseti.core.repository.publish import TEMP_PREFIX, PublishError, publish_version
+from forseti.core.repository.listing import CLAIM_NAME, COMMIT_NAME, list_model
+from forseti.core.repository.publish import (
+    TEMP_PREFIX,
+    PublishError,
+    publish_objects,
+    publish_version,
+)
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import SEALED_SUFFIX, SealError, open_sealed, seal_bytes
+from forseti.core.storage import Storage, StorageError, StorageNotFound, is_remote, open_storage
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,7 +83,7 @@ class CheckpointError(Exception):
     ``reason`` says what was wrong; ``path`` is the checkpoint folder when there is one.
     """
 
-    def __init__(self, reason: str, path: Path | None = None) -> None:
+    def __init__(self, reason: str, path: Path | str | None = None) -> None:
         self.reason = reason
         self.path = path
         super().__init__(f"checkpoint {path}: {reason}" if path is not None else reason)
@@ -83,7 +94,7 @@ class CheckpointInfo:
     """What a checkpoint is: its number, folder, progress and the spec that made it."""
 
     number: int
-    path: Path
+    path: Path | str  # a folder, or the checkpoint's URL on an object store
     num_timesteps: int
     counters: dict[str, int | float]
     spec_hash: str
@@ -112,7 +123,7 @@ class LoadedCheckpoint:
         return found
 
 
-def _info(number: int, path: Path, state: dict[str, Any]) -> CheckpointInfo:
+def _info(number: int, path: Path | str, state: dict[str, Any]) -> CheckpointInfo:
     return CheckpointInfo(
         number=number,
         path=path,
@@ -145,7 +156,7 @@ def _checked_counters(counters: dict[str, Any]) -> dict[str, int | float]:
 
 
 def write_checkpoint(
-    run_dir: Path,
+    run_dir: Path | str,
     keyring: Keyring,
     *,
     run_name: str,
@@ -191,6 +202,8 @@ def write_checkpoint(
             for name, data in {**files, STATE_FILE: document}.items()
         }
 
+    if is_remote(run_dir):
+        return _write_remote(str(run_dir), make_files, keep, state)
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
     try:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -210,6 +223,41 @@ def write_checkpoint(
         # The new checkpoint is safely written; old ones linger until a later save prunes them.
         log.warning("cannot prune old checkpoints", extra={"dir": str(checkpoints), "error": exc})
     return _info(number, checkpoints / str(number), state)
+
+
+def _write_remote(
+    run_dir: str, make_files: Callable[[int], dict[str, bytes]], keep: int, state: dict[str, Any]
+) -> CheckpointInfo:
+    """The object-store twin of the folder path above: claim, objects, commit marker; prune."""
+    storage = open_storage(run_dir)
+    try:
+        number = publish_objects(storage, CHECKPOINTS_DIR, make_files)
+    except SealError as exc:
+        raise CheckpointError(f"cannot seal checkpoint files: {exc}") from None
+    except (PublishError, StorageError) as exc:
+        raise CheckpointError(f"cannot write a checkpoint under {run_dir}: {exc}") from None
+    try:
+        _prune_remote(storage, keep=keep, newest=number)
+    except StorageError as exc:
+        log.warning("cannot prune old checkpoints", extra={"dir": run_dir, "error": str(exc)})
+    return _info(number, f"{run_dir}/{CHECKPOINTS_DIR}/{number}", state)
+
+
+def _prune_remote(storage: Storage, *, keep: int, newest: int) -> None:
+    """Remove all but the newest ``keep`` committed checkpoints (never ``newest``): the commit
+    marker first, so a reader stops counting one before any of its files goes. The claim
+    stays, so the number is never taken again."""
+    versions = list_model(storage, CHECKPOINTS_DIR).versions
+    committed = sorted(v for v, vl in versions.items() if vl.committed)
+    for number in committed[:-keep]:
+        if number == newest:
+            continue
+        files = versions[number].files
+        storage.delete(f"{CHECKPOINTS_DIR}/{number}/{COMMIT_NAME}")
+        for name in files:
+            if name not in (COMMIT_NAME, CLAIM_NAME):
+                storage.delete(f"{CHECKPOINTS_DIR}/{number}/{name}")
+        log.debug("checkpoint pruned", extra={"checkpoint": number})
 
 
 def _remove_folder(folder: Path) -> None:
@@ -244,29 +292,43 @@ def _prune(checkpoints: Path, *, keep: int, newest: int) -> None:
 # --- opening ------------------------------------------------------------------------------------
 
 
-def _open_file(path: Path, keyring: Keyring, run_name: str, number: int, name: str) -> bytes:
-    sealed = path / (name + SEALED_SUFFIX)
+def _read_sealed(path: Path | str, sealed_name: str) -> bytes:
+    """A sealed file of a checkpoint, from a folder or an object store."""
+    if isinstance(path, str) and is_remote(path):
+        run_dir, number = path.rsplit("/", 2)[0], path.rsplit("/", 1)[1]
+        try:
+            return open_storage(run_dir).read(f"{CHECKPOINTS_DIR}/{number}/{sealed_name}")
+        except StorageNotFound:
+            raise FileNotFoundError(sealed_name) from None
+        except StorageError as exc:
+            raise OSError(0, f"{type(exc).__name__}: {exc}") from None
+    return (Path(path) / sealed_name).read_bytes()
+
+
+def _open_file(path: Path | str, keyring: Keyring, run_name: str, number: int, name: str) -> bytes:
+    sealed_name = name + SEALED_SUFFIX
     try:
-        blob = sealed.read_bytes()
+        blob = _read_sealed(path, sealed_name)
     except FileNotFoundError:
-        raise CheckpointError(f"missing file {sealed.name}", path) from None
+        raise CheckpointError(f"missing file {sealed_name}", path) from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read {sealed.name}: {exc.strerror}", path) from None
+        raise CheckpointError(f"cannot read {sealed_name}: {exc.strerror}", path) from None
     try:
         return open_sealed(blob, keyring, model=run_name, version=number, filename=name)
     except SealError as exc:
-        raise CheckpointError(f"{sealed.name}: {exc}", path) from None
+        raise CheckpointError(f"{sealed_name}: {exc}", path) from None
 
 
 def load_checkpoint(
-    path: Path, keyring: Keyring, *, run_name: str, spec_hash: str | None = None
+    path: Path | str, keyring: Keyring, *, run_name: str, spec_hash: str | None = None
 ) -> LoadedCheckpoint:
     """Open one checkpoint folder in memory: every seal authenticated, every digest checked,
     and (when given) the spec hash compared. Raises CheckpointError saying what was wrong."""
     import safetensors.torch as st_torch  # torch only here (see the module docstring)
 
-    path = Path(path)
-    number = parse_version_name(path.name)
+    if not (isinstance(path, str) and is_remote(path)):
+        path = Path(path)
+    number = parse_version_name(str(path).rstrip("/").rsplit("/", 1)[-1])
     if number is None:
         raise CheckpointError("a checkpoint folder is named by its number", path)
     try:
@@ -314,8 +376,17 @@ def load_checkpoint(
     return LoadedCheckpoint(info, state, policy, optimizer, replay, vecnorm)
 
 
+def checkpoint_folders(run_dir: Path | str) -> dict[int, Path | str]:
+    """The run's checkpoints by number: folders, or (object store) committed ones' URLs."""
+    if is_remote(run_dir):
+        versions = list_model(open_storage(run_dir), CHECKPOINTS_DIR).versions
+        base = f"{str(run_dir).rstrip('/')}/{CHECKPOINTS_DIR}"
+        return {v: f"{base}/{v}" for v, vl in versions.items() if vl.committed}
+    return dict(version_dirs(Path(run_dir) / CHECKPOINTS_DIR))
+
+
 def latest_valid_checkpoint(
-    run_dir: Path,
+    run_dir: Path | str,
     keyring: Keyring,
     *,
     run_name: str,
@@ -331,8 +402,11 @@ def latest_valid_checkpoint(
     :param check: raises CheckpointError for a checkpoint that opens but will not do (e.g.
         checkpoint_sb3.check_compatible: it does not fit the model it is meant for)
     """
-    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
-    folders = version_dirs(checkpoints)
+    checkpoints = f"{run_dir}/{CHECKPOINTS_DIR}"
+    try:
+        folders = checkpoint_folders(run_dir)
+    except StorageError as exc:
+        raise CheckpointError(f"cannot list the checkpoints in {checkpoints}: {exc}") from None
     if not folders:
         return None
     reasons: list[str] = []

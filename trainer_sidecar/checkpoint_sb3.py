@@ -206,7 +206,7 @@ def _plain(value: Any) -> Any:
 
 def save_checkpoint(
     model: BaseAlgorithm,
-    run_dir: Path,
+    run_dir: Path | str,
     keyring: Keyring,
     *,
     run_name: str,
@@ -453,7 +453,7 @@ def restore_checkpoint(
 
 def resume_latest(
     model: BaseAlgorithm,
-    run_dir: Path,
+    run_dir: Path | str,
     keyring: Keyring,
     *,
     run_name: str,

@@ -23,7 +23,6 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tritonclient.utils import InferenceServerException
 
-from forseti.core.repository.layout import version_dirs
 from forseti.core.sealing.keyring import Keyring
 from forseti.exporters.checked_policy import export_checked_policy
 from forseti.exporters.errors import ExportError
@@ -34,7 +33,7 @@ from forseti.exporters.policy_description import (
 )
 
 from .algorithms import build_model, make_env, pin_schedule, vec_normalize_of
-from .checkpoint_format import CHECKPOINTS_DIR
+from .checkpoint_format import checkpoint_folders
 from .checkpoint_sb3 import resume_latest, save_checkpoint
 from .gate import GateDecision, GateError, evaluate_gate, gguf_actor, onnx_actor
 from .monitoring import TrainingMonitor, attach_logger
@@ -196,7 +195,7 @@ class TrainingRun:
                 log.info(
                     "resumed", extra={"checkpoint": info.number, "timesteps": info.num_timesteps}
                 )
-        elif version_dirs(run_dir / CHECKPOINTS_DIR):
+        elif checkpoint_folders(run_dir):
             raise TrainingError(
                 f"{run_dir} already holds checkpoints of an earlier run; pass --resume to "
                 "continue it, or set checkpoint.directory to a new folder"

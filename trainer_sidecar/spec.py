@@ -106,9 +106,10 @@ class PublishedModelSpec:
 class CheckpointSpec:
     """``[checkpoint]``: where and how often sealed checkpoints are written."""
 
-    directory: Path
+    directory: Path | str
     """The run directory (checkpoints under it); default ``runs/<model.name>`` beside the
-    spec file."""
+    spec file; or an object store (``s3://bucket/prefix``, credentials from the AWS
+    environment)."""
     interval_timesteps: int
     """Env steps between checkpoints; default ``algorithm.total_timesteps`` (one, at the end)."""
     keep: int = 3
@@ -308,13 +309,13 @@ class _Section:
             raise SpecError(self.source, self._field(key), "is required")
         return path
 
-    def location(self, key: str, base: Path) -> Path | str:
+    def location(self, key: str, base: Path, default: Any = _FIELD_DEFAULT) -> Path | str:
         """A folder path (as `required_path`) or an object-store URL kept as written."""
         value = self.table.get(key)
         if isinstance(value, str) and is_remote(value):
             self.used.add(key)
             return value
-        return self.required_path(key, base)
+        return self.required_path(key, base, default)
 
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
@@ -443,7 +444,7 @@ def parse_spec(data: dict[str, Any], *, source: str, base: Path) -> TrainingSpec
     s = _section(source, data, "checkpoint", CheckpointSpec, required=False)
     checkpoint = CheckpointSpec(
         # Both defaults derive from other fields, as the fields' docstrings say.
-        directory=s.required_path("directory", base, default=base / "runs" / model.name),
+        directory=s.location("directory", base, default=base / "runs" / model.name),
         interval_timesteps=s.positive("interval_timesteps", default=algorithm.total_timesteps),
         keep=s.positive("keep"),
     )

@@ -132,16 +132,18 @@ def _claim_body() -> bytes:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
 
 
-def _publish_remote(
+def publish_objects(
     storage: Storage,
     model: str,
     make_files: FileMaker,
-    version: int | None,
-    taken: set[int],
+    version: int | None = None,
+    taken: set[int] | None = None,
     attempts: int = 100,
 ) -> int:
-    """Object store: claim the number (create-if-absent), write the files, then the commit
-    marker. A claim is never reused, so two publishers never write into the same folder."""
+    """Object store: claim the number under the prefix `model` (create-if-absent), write the
+    files, then the commit marker; returns the number. A claim is never reused, so two
+    publishers never write into the same folder. (Checkpoints use it too.)"""
+    taken = set() if taken is None else taken
     for _ in range(attempts):
         listing = list_model(storage, model)
         number = (
@@ -250,7 +252,7 @@ def publish_model_version(
         number = publish_version(root / model, make_files, version=version)
     else:
         taken = set(current[0].versions) if current else set()
-        number = _publish_remote(storage, model, make_files, version, taken)
+        number = publish_objects(storage, model, make_files, version, taken)
     if keyring is None:
         return Published(model, number, None)
     config_sha = sha256_hex(config)
