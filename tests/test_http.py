@@ -564,3 +564,15 @@ def test_async_infer_of_the_sync_client(server: ServerProcess) -> None:
     for i, result in enumerate(results):
         assert result.get_response()["id"] == str(i)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + 3)
+
+
+@pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])
+def test_classification_comes_back_as_bytes(
+    client: httpclient.InferenceServerClient, binary_out: bool
+) -> None:
+    wanted = httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary_out, class_count=2)
+    result = client.infer("simple", _simple_inputs(True), outputs=[wanted])
+    output = result.get_response()["outputs"][0]
+    assert output["datatype"] == "BYTES" and output["shape"] == [1, 2]
+    got = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("OUTPUT0")[0]]
+    assert got == ["18:15", "17:14"]  # value:index of the two largest of arange(16) + 3
