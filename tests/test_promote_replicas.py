@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,9 @@ def replicas(
     poll = ["--model-control-mode", "poll", "--repository-poll-secs", "0.2"]
     servers = [ServerProcess(repo, keyring_path, args) for args in (explicit, explicit, poll)]
     try:
-        for server in servers:
-            server.start()
+        # Started side by side: each start is mostly the interpreter's imports.
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda server: server.start(), servers))
         yield servers
     finally:
         for server in servers:
