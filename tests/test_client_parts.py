@@ -128,9 +128,18 @@ def test_fixed_hedging_delay_and_the_adaptive_one_follows_recent_answers() -> No
     adaptive = Hedging(min_samples=32, every=32)
     assert adaptive.delay_s() is None  # not enough answers yet: no hedging
     for latency in [0.001] * 95 + [0.050] * 5:
-        adaptive.observe(latency)
+        adaptive.observe(latency, "a:1")
     delay = adaptive.delay_s()
     assert delay is not None and 0.001 <= delay < 0.050
+
+
+def test_the_adaptive_hedging_delay_follows_the_fastest_replica() -> None:
+    adaptive = Hedging(min_samples=32, every=32)
+    for _ in range(64):  # one replica slow throughout: half the answers are slow
+        adaptive.observe(0.001, "fast:1")
+        adaptive.observe(0.020, "slow:1")
+    delay = adaptive.delay_s()
+    assert delay is not None and delay < 0.005  # the slow half would have made it 20 ms
 
 
 def test_bad_hedging_settings_are_refused() -> None:

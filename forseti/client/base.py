@@ -30,7 +30,7 @@ from forseti.client.fallback import Fallback, as_fallback
 from forseti.client.hedging import Hedging
 from forseti.client.local_mode import LocalPolicy
 from forseti.client.metrics import ClientMetrics, NoMetrics
-from forseti.client.wire import decode_outputs, infer_request
+from forseti.client.wire import Outputs, infer_request
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +245,15 @@ class ClientBase:
         if answered is None:
             return None
         outputs, version = answered
+        if not call.batch and self.batched:
+            outputs = {name: value[0] for name, value in outputs.items()}
         return self.answered(call, outputs, version, "local")
 
     def answered(
-        self, call: Call, outputs: dict[str, np.ndarray], version: str, endpoint: str
+        self, call: Call, outputs: Mapping[str, np.ndarray], version: str, endpoint: str
     ) -> Decision:
+        """The decision from `outputs` (rows already cut for a single decision)."""
         latency = time.monotonic() - call.start
-        if not call.batch and self.batched:
-            outputs = {name: value[0] for name, value in outputs.items()}
         action = outputs.get(self.action_output)
         if self.fallback is not None:
             if call.key is not None and not call.batch:
@@ -261,12 +262,13 @@ class ClientBase:
                 for k, a in zip(call.keys, action, strict=True):
                     self.fallback.remember(k, a)
         if self.hedging is not None and endpoint != "local":
-            self.hedging.observe(latency)
+            self.hedging.observe(latency, endpoint)
         self.metrics.decided(latency, "local" if endpoint == "local" else "replica")
         return Decision(action, outputs, version, endpoint, latency, False, None)
 
     def from_response(self, call: Call, response: pb.ModelInferResponse, ep: Endpoint) -> Decision:
-        return self.answered(call, decode_outputs(response), response.model_version, ep.address)
+        outputs = Outputs(response, row=not call.batch and self.batched)
+        return self.answered(call, outputs, response.model_version, ep.address)
 
     def fall_back(self, call: Call, reason: str, error: grpc.RpcError | None = None) -> Decision:
         """The fallback decision for `reason`; without a fallback, DecisionRejected with the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +22,12 @@ class Decision:
     """One decision: the action and the other outputs, who answered and how fast.
 
     For `decide`, `action` and `outputs` are one row (the batch dimension removed); for
-    `decide_batch` they keep it. With a fallback, `outputs` is empty, `model_version` and
+    `decide_batch` they keep it. `outputs` maps every output's name to its array, decoded from
+    the response when first read. With a fallback, `outputs` is empty, `model_version` and
     `endpoint` are None and `fallback_reason` says why."""
 
     action: Any
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: Mapping[str, np.ndarray] = field(default_factory=dict)
     model_version: str | None = None
     endpoint: str | None = None  # "host:port" of the replica, "local" for local mode
     latency_s: float = 0.0

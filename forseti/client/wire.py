@@ -3,7 +3,7 @@ into numpy arrays (raw contents, as tritonclient sends and the server answers)."
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,16 +66,52 @@ def infer_request(
     return request
 
 
+def _decode(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> np.ndarray:
+    shape = tuple(tensor.shape)
+    if tensor.datatype == "BYTES":
+        return deserialize_bytes_tensor(raw).reshape(shape)
+    return np.frombuffer(raw, dtype=BY_NAME[tensor.datatype].dtype).reshape(shape)
+
+
 def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """The response's outputs by name, as numpy arrays of their shapes."""
-    decoded: dict[str, np.ndarray] = {}
     raw = response.raw_output_contents
-    for index, tensor in enumerate(response.outputs):
-        shape = tuple(tensor.shape)
-        if tensor.datatype == "BYTES":
-            array = deserialize_bytes_tensor(raw[index]) if index < len(raw) else np.array([])
-        else:
-            dtype = BY_NAME[tensor.datatype].dtype
-            array = np.frombuffer(raw[index], dtype=dtype)
-        decoded[tensor.name] = array.reshape(shape)
-    return decoded
+    return {t.name: _decode(t, raw[i]) for i, t in enumerate(response.outputs)}
+
+
+class Outputs(Mapping[str, np.ndarray]):
+    """A response's outputs by name, each decoded when it is first read (a caller that reads
+    only the action pays for no other output), and cut to its first row when `row` is set
+    (a `decide` call's batch of one)."""
+
+    __slots__ = ("_decoded", "_names", "_response", "_row")
+
+    def __init__(self, response: pb.ModelInferResponse, row: bool) -> None:
+        self._response = response
+        self._row = row
+        self._decoded: dict[str, np.ndarray] = {}
+        self._names: dict[str, int] | None = None
+
+    def _index(self) -> dict[str, int]:
+        if self._names is None:
+            self._names = {t.name: i for i, t in enumerate(self._response.outputs)}
+        return self._names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self._decoded.get(name)
+        if array is None:
+            i = self._index()[name]
+            array = _decode(self._response.outputs[i], self._response.raw_output_contents[i])
+            if self._row:
+                array = array[0]
+            self._decoded[name] = array
+        return array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index())
+
+    def __len__(self) -> int:
+        return len(self._index())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
