@@ -216,7 +216,13 @@ class TritonHttpApp:
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes
         declared = headers.get("content-length")
-        if declared is not None and int(declared) > limit:  # the parser checked it is a number
+        if declared is not None and not declared.isdigit():
+            raise HttpAbort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Content-Length '{declared[:32]}' is not a number",
+                400,
+            )
+        if declared is not None and int(declared) > limit:
             raise HttpAbort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request body of {declared} bytes is larger than the server's limit of "
