@@ -57,13 +57,15 @@ def servers(
 ) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
-    def start(url: str, *args: str, wait_model: str = "policy") -> ServerProcess:
+    def start(
+        url: str, *args: str, wait_model: str = "policy", env: dict[str, str] | None = None
+    ) -> ServerProcess:
         proc = ServerProcess(
             url,  # type: ignore[arg-type]  # a URL where a folder usually goes
             keyring_path,
             [*POLL, *args],
             log_path=tmp_path / f"server-{len(started)}.log",
-            env=door.env,
+            env={**door.env, **(env or {})},
         )
         started.append(proc)
         proc.start(wait_ready=False)
@@ -145,13 +147,15 @@ def test_a_version_whose_manifest_commit_never_came_is_never_loaded(
 
 
 def test_a_plaintext_version_without_its_commit_marker_is_never_loaded(
-    repo_url: str, servers
+    repo_url: str, door: S3Server, servers
 ) -> None:
     storage = open_storage(repo_url)
     storage.write("policy/config.pbtxt", POLICY_CONFIG.encode())
     storage.write("policy/1/model.onnx", policy_onnx(1))
     storage.write(f"policy/1/{COMMIT_NAME}", b"{}")
-    server = servers(repo_url, "--allow-plaintext")
+    # Triton's form with the store's address in the URL, which wins over the environment's.
+    url = repo_url.replace("s3://", f"s3://127.0.0.1:{door.port}/")
+    server = servers(url, "--allow-plaintext", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     with server.client() as client:
         storage.write("policy/2/model.onnx", policy_onnx(2))  # objects, no marker yet
         time.sleep(1.0)  # five polls
