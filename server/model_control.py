@@ -179,6 +179,7 @@ class ModelControl:
         `repository.index` record per caller and window), not audited one by one: a client
         polling the index must not cost an fsync per call."""
         try:
+            await self.registry.refresh_names()
             items = list(self.registry.index(ready_only))
         except Exception:
             await self._record("repository.index", caller, _INTERNAL, ready=ready_only)

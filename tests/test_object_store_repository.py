@@ -253,3 +253,19 @@ def test_three_replicas_on_one_store_converge_on_a_new_version(
     finally:
         for c in clients:
             c.close()
+
+
+def test_explicit_mode_loads_a_new_version_from_s3_on_request(
+    repo_url: str, keyring: Keyring, servers
+) -> None:
+    publish(repo_url, keyring, 1)
+    server = servers(repo_url, "--model-control-mode", "explicit", "--load-model", "policy")
+    with server.client() as client:
+        assert served(client) == 1
+        assert publish(repo_url, keyring, 2) == 2
+        time.sleep(0.5)
+        assert served(client) == 1  # nothing polls in explicit mode
+        client.load_model("policy")
+        assert served(client) == 2
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert [(m["name"], m["version"], m["state"]) for m in index] == [("policy", "2", "READY")]

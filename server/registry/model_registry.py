@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +101,6 @@ class LoadPlan:
     manifest: ModelManifest | None
 
 
-# How long a remote repository's model names are trusted by in_repository (which the request
-# path calls for a model it does not know): at most one listing per interval, whatever the
-# traffic asks for.
-_NAMES_TTL_S = 2.0
-
-
 @dataclass(frozen=True)
 class IndexItem:
     name: str
@@ -145,7 +138,9 @@ class ModelRegistry:
         # Config overrides of explicit loads (Triton's "config" load parameter), by model.
         self.config_overrides: dict[str, mc.ModelConfig] = {}
         self._unlisted_warned: set[tuple[str, int]] = set()
-        self._names: tuple[float, frozenset[str]] = (-_NAMES_TTL_S, frozenset())
+        # A remote repository's model names as last listed (by a poll, a load or an index):
+        # what the request path and RepositoryIndex use, so neither waits on the store.
+        self._names: frozenset[str] = frozenset()
         # Polls whose listing of the repository failed (forseti_repository_poll_errors).
         self.poll_errors = 0
 
@@ -165,24 +160,37 @@ class ModelRegistry:
                 return (root / name).is_dir()
             except OSError:  # e.g. a name longer than the file system allows
                 return False
-        at, names = self._names
-        if time.monotonic() - at > _NAMES_TTL_S:
-            with contextlib.suppress(StorageError):  # the store is down: keep the last names
-                names = frozenset(list_model_names(self.storage))
-            self._names = (time.monotonic(), names)
-        return name in names
+        return name in self._names  # never a request to the store on the event loop
 
-    def _exists_now(self, name: str) -> bool:
-        """in_repository without the remote names' cache: a load must see a model published
-        a moment ago."""
-        if self.storage.local_root() is None:
-            self._names = (-_NAMES_TTL_S, self._names[1])
+    async def _exists_now(self, name: str) -> bool:
+        """in_repository, listing a remote repository again (in a worker thread) when the name
+        is not among the last listed: a load must see a model published a moment ago."""
+        if self.storage.local_root() is None and name not in self._names:
+            try:
+                await asyncio.to_thread(self.model_names_in_repository)
+            except StorageError as exc:
+                raise RepositoryUnavailable(
+                    f"cannot read the model repository ({type(exc).__name__})"
+                ) from None
         return self.in_repository(name)
 
+    async def refresh_names(self) -> None:
+        """List a remote repository's models again, in a worker thread (RepositoryIndex calls
+        it); a store that fails leaves the names last listed."""
+        if self.storage.local_root() is None:
+            try:
+                await asyncio.to_thread(self.model_names_in_repository)
+            except StorageError as exc:
+                log.warning("cannot list the model repository", extra={"detail": str(exc)})
+
+    def remember_names(self, names: list[str]) -> None:
+        """The model names a listing of the repository's root found (the poll calls it)."""
+        self._names = frozenset(names)
+
     def model_names_in_repository(self) -> list[str]:
-        """Model folders in the repository now (one listing of its root)."""
+        """Model folders in the repository now (one listing of its root; blocking)."""
         names = list_model_names(self.storage)
-        self._names = (time.monotonic(), frozenset(names))
+        self.remember_names(names)
         return names
 
     # ---- loading and swapping -----------------------------------------------------------
@@ -201,7 +209,7 @@ class ModelRegistry:
         config for this load and later reloads, until a load without one.
         Raises ModelLoadError when anything failed; whatever was live before keeps serving.
         """
-        if listing is None and not self._exists_now(name):
+        if listing is None and not await self._exists_now(name):
             raise NotFound(f"model '{shown(name)}' is not in the model repository")
         if config_override is not None:
             self.config_overrides[name] = config_override
@@ -469,7 +477,15 @@ class ModelRegistry:
 
     async def load_all(self) -> None:
         """Load every model in the repository; failures are recorded, never fatal."""
-        for name in self.model_names_in_repository():
+        try:
+            names = await asyncio.to_thread(self.model_names_in_repository)
+        except StorageError as exc:
+            log.error(
+                "cannot list the model repository; nothing loaded",
+                extra={"repository": str(self.repository), "detail": str(exc)},
+            )
+            return
+        for name in names:
             with contextlib.suppress(ModelLoadError, NotFound):
                 await self.load_model(name)
 
@@ -496,10 +512,10 @@ class ModelRegistry:
 
     def index(self, ready_only: bool) -> Iterator[IndexItem]:
         models = self.routing.models
-        try:
-            listed = set(self.model_names_in_repository())
-        except StorageError:
-            listed = set()  # the store is down: the index still shows what is loaded
+        if self.storage.local_root() is not None:
+            listed = set(list_model_names(self.storage))
+        else:
+            listed = set(self._names)  # as last listed: the index never waits on the store
         names = sorted(listed | set(models))
         for name in names:
             entry = models.get(name)

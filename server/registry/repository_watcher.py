@@ -42,6 +42,7 @@ class RepositoryWatcher:
         except StorageError as exc:
             self._failed(exc)
             return False
+        self.registry.remember_names(list(listings))
         for name, listing in listings.items():
             state = listing.state()
             if self._seen.get(name) == state:
