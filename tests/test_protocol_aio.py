@@ -121,7 +121,7 @@ def test_aio_stream_infer_reports_an_error_and_keeps_going(shared_server):
         return answers
 
     (bad, bad_error), (good, good_error) = run_with_client(shared_server.url, body)
-    assert bad is None and "max_batch_size 64" in bad_error.message()
+    assert bad is None and "batch-size must be <= 64" in bad_error.message()
     assert good_error is None and good.get_response().id == "ok"
 
 
