@@ -5,10 +5,12 @@ while publishers keep using the first."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,7 @@ def servers(
     tmp_path: Path, keyring_path: Path, door: S3Server
 ) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
+    numbers = itertools.count()  # next() is atomic: replicas may start side by side
 
     def start(
         url: str, *args: str, wait_model: str = "policy", env: dict[str, str] | None = None
@@ -64,7 +67,7 @@ def servers(
             url,  # type: ignore[arg-type]  # a URL where a folder usually goes
             keyring_path,
             [*POLL, *args],
-            log_path=tmp_path / f"server-{len(started)}.log",
+            log_path=tmp_path / f"server-{next(numbers)}.log",
             env={**door.env, **(env or {})},
         )
         started.append(proc)
@@ -244,7 +247,8 @@ def test_three_replicas_on_one_store_converge_on_a_new_version(
     repo_url: str, keyring: Keyring, servers
 ) -> None:
     publish(repo_url, keyring, 1)
-    replicas = [servers(repo_url) for _ in range(3)]
+    with ThreadPoolExecutor(3) as pool:  # started side by side
+        replicas = list(pool.map(lambda _: servers(repo_url), range(3)))
     clients = [r.client() for r in replicas]
     try:
         assert [served(c) for c in clients] == [1, 1, 1]
