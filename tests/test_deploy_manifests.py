@@ -267,7 +267,10 @@ def test_servers_are_probed_with_grpc_health_and_drain_before_they_stop() -> Non
         assert "grpc" not in container["livenessProbe"], name
         args = container["args"]
         assert f"--grpc-port={GRPC_PORT}" in args, name
-        assert any(a.startswith("--drain-seconds=") for a in args), name
+        drain = next(float(a.split("=")[1]) for a in args if a.startswith("--drain-seconds="))
+        probe = container["readinessProbe"]
+        # The drain outlasts the time the kubelet needs to see NOT_SERVING.
+        assert drain > probe["periodSeconds"] * probe["failureThreshold"], name
     deployment = by_kind("Deployment")[0]
     spec = deployment["spec"]["template"]["spec"]
     args = spec["containers"][0]["args"]
