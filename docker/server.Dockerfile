@@ -1,7 +1,10 @@
 # Forseti server image: no torch, no stable-baselines3.
 # Build from the repository root: docker build -f docker/server.Dockerfile -t forseti-server .
 FROM python:3.11-slim
-RUN groupadd --gid 10001 forseti && useradd --create-home --uid 10001 --gid 10001 forseti
+# uid/gid 10001: deploy/ runs as it. The mount points are the user's, so a new named volume
+# (compose) takes that ownership and the sidecar can write to it.
+RUN groupadd --gid 10001 forseti && useradd --create-home --uid 10001 --gid 10001 forseti \
+    && mkdir -p /models /runs && chown 10001:10001 /models /runs
 WORKDIR /opt/forseti
 COPY pyproject.toml README.md ./
 COPY forseti forseti

@@ -1,7 +1,10 @@
 # Forseti trainer sidecar image: torch (CPU build), stable-baselines3, gymnasium.
 # Build from the repository root: docker build -f docker/sidecar.Dockerfile -t forseti-sidecar .
 FROM python:3.11-slim
-RUN groupadd --gid 10001 forseti && useradd --create-home --uid 10001 --gid 10001 forseti
+# uid/gid 10001: deploy/ runs as it. The mount points are the user's, so a new named volume
+# (compose) takes that ownership and the sidecar can write to it.
+RUN groupadd --gid 10001 forseti && useradd --create-home --uid 10001 --gid 10001 forseti \
+    && mkdir -p /models /runs && chown 10001:10001 /models /runs
 WORKDIR /opt/forseti
 # torch's CPU wheel first, so stable-baselines3 never resolves a multi-GB CUDA build.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
