@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test typecheck lint bench clean native native-deps
+.PHONY: demo test typecheck lint bench clean native native-deps test-native
 
 $(VENV)/.installed-dev: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,12 +46,20 @@ native-deps:
 	apt-get install -y -q libgrpc++-dev libprotobuf-dev protobuf-compiler cmake g++ pkg-config
 
 native: $(VENV)/.installed-dev
-	$(PIP) install -q -e '.[native]'
+	$(PIP) install -q 'pybind11>=2.12'  # pyproject.toml's `native` extra, without reinstalling
 	cmake -S native -B build/native -DPython_EXECUTABLE=$(abspath $(PY)) \
 		-Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) $(NATIVE_CMAKE_ARGS)
 	cmake --build build/native -j$${NATIVE_JOBS:-2}
 	cp build/native/forseti_native*.so $(NATIVE_SO)/
 	$(PY) -c 'import forseti_native; print("native data plane built:", forseti_native.__file__)'
+
+# The protocol, stream, fuzz, swap, TLS, restricted-protocol and health tests against the
+# native data plane (the same files `make test` runs against the Python one): about 4 minutes.
+NATIVE_TESTS = tests/test_native_dataplane.py tests/test_protocol.py tests/test_protocol_aio.py \
+	tests/test_fuzz.py tests/test_swap_under_load.py tests/test_restricted_protocol.py \
+	tests/test_tls.py tests/test_health.py
+test-native: native
+	FORSETI_DATA_PLANE=native $(PY) -m pytest -q $(NATIVE_TESTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
