@@ -1,6 +1,7 @@
 """A promotion reaches every replica: the sidecar's promotion code publishes once and confirms
-on three real servers over one repository (two in explicit mode, one polling); with a replica
-killed it fails and names it, the others serve the new version, and the audit log says which."""
+on three real servers over one repository on a local S3 server (moto on loopback; two replicas
+in explicit mode, one polling); with a replica killed it fails and names it, the others serve
+the new version, and the audit log says which."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from forseti.core.audit import AuditLog
+from forseti.core.repository.publish import publish_model_version
 from forseti.core.sealing.keyring import Keyring
+from forseti.core.storage import open_storage
 from forseti.trainer_sidecar.promote import PromotionError, promote
 from forseti.trainer_sidecar.replicas import (
     ReplicaError,
@@ -24,22 +27,48 @@ from forseti.trainer_sidecar.replicas import (
     replica_addresses,
     resolve_all,
 )
-from testkit.model_builders import OBS_DIM, POLICY_CONFIG, build_repository, policy_onnx
+from testkit.model_builders import OBS_DIM, POLICY_CONFIG, policy_onnx
+from testkit.object_store import S3Server, s3_server
 from testkit.server_process import ServerProcess
 
 PROBE = np.zeros((1, OBS_DIM), np.float32)
 
 
 @pytest.fixture(scope="module")
+def store() -> Iterator[S3Server]:
+    """A local S3 server, its address in this process's AWS environment (the publisher's)."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def replicas(
-    tmp_path_factory: pytest.TempPathFactory, keyring: Keyring, keyring_path: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    keyring: Keyring,
+    keyring_path: Path,
+    store: S3Server,
 ) -> Iterator[list[ServerProcess]]:
-    repo = tmp_path_factory.mktemp("replicas") / "repo"
-    repo.mkdir()
-    build_repository(repo, keyring)
+    url = store.bucket("replicas") + "/models"
+    publish_model_version(
+        open_storage(url),
+        "policy",
+        {"model.onnx": policy_onnx(1)},
+        keyring=keyring,
+        config_text=POLICY_CONFIG,
+    )
+    logs = tmp_path_factory.mktemp("replica-logs")
     explicit = ["--model-control-mode", "explicit", "--load-model", "policy"]
     poll = ["--model-control-mode", "poll", "--repository-poll-secs", "0.2"]
-    servers = [ServerProcess(repo, keyring_path, args) for args in (explicit, explicit, poll)]
+    servers = [
+        ServerProcess(
+            url,  # type: ignore[arg-type]  # a URL where a folder usually goes
+            keyring_path,
+            args,
+            env=store.env,
+            log_path=logs / f"server-{i}.log",
+        )
+        for i, args in enumerate((explicit, explicit, poll))
+    ]
     try:
         # Started side by side: each start is mostly the interpreter's imports.
         with ThreadPoolExecutor(3) as pool:
