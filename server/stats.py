@@ -1,6 +1,9 @@
 """Per-version inference statistics: the numbers behind ModelStatistics and /metrics.
 
-Everything here is updated on the event-loop thread only, so plain integers need no lock.
+Everything here is updated with the GIL held, by the event loop or (native data plane) by a
+gRPC thread; plain integers need no lock because no update reads a counter before a call that
+could switch threads and writes it after (CPython 3.11 switches threads only at calls and
+backward jumps).
 The request path pays a handful of integer additions on flat slots; the Duration views that
 readers use are built only when statistics are read.
 """
@@ -111,7 +114,10 @@ class VersionStats:
             self.execution_count += 1
             b = self._batches.get(executed)
             if b is None:
-                b = self._batches[executed] = [0, 0, 0, 0]
+                # setdefault, one C call: the native data plane records from gRPC threads
+                # (with the GIL), and a thread switch after the get above must not let two
+                # writers each install a slot for the same size and lose one's counts.
+                b = self._batches.setdefault(executed, [0, 0, 0, 0])
             b[0] += 1
             b[1] += input_ns
             b[2] += infer_ns
