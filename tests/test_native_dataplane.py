@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +41,7 @@ from testkit.fuzz_requests import (
     unary_stub,
 )
 from testkit.model_builders import OBS_DIM, build_repository, policy_onnx, publish_sealed
-from testkit.server_process import ServerProcess
+from testkit.server_process import ServerProcess, serve_args
 
 _module, _why = native_extension()
 needs_native = pytest.mark.skipif(
@@ -87,6 +90,47 @@ def test_auto_without_the_extension_falls_back_to_python_with_a_log_line(
 def test_an_unknown_data_plane_is_refused() -> None:
     with pytest.raises(DataPlaneError, match="python, native, auto"):
         use_native("rust")
+
+
+@pytest.fixture
+def unbuilt(tmp_path: Path) -> dict[str, str]:
+    """An environment in which `import forseti_native` fails, as where it was never built."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "forseti_native.py").write_text('raise ImportError("forseti_native is not built")\n')
+    return {**os.environ, "PYTHONPATH": f"{shadow}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_forseti_serve_native_without_the_extension_exits_2_naming_make_native(
+    repository: Path, keyring_path: Path, unbuilt: dict[str, str]
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forseti",
+            *serve_args(repository, keyring_path, "--data-plane", "native"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=unbuilt,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "make native" in result.stderr and "--data-plane python" in result.stderr
+
+
+def test_forseti_serve_auto_without_the_extension_serves_with_python(
+    repository: Path, keyring_path: Path, unbuilt: dict[str, str]
+) -> None:
+    server = ServerProcess(repository, keyring_path, ["--data-plane", "auto"], env=unbuilt)
+    server.start()
+    try:
+        assert unary(server, infer_request()) == ("OK", "")
+    finally:
+        server.stop()
+    assert "data plane: python (the native extension is not built)" in server.log()
 
 
 # ---- a native server and a Python one over the same repository -----------------------------
