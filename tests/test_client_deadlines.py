@@ -24,6 +24,7 @@ from forseti.client import (
     DecisionClient,
     DecisionRejected,
     FixedAction,
+    Hedging,
     LastGoodAction,
 )
 from forseti.core.sealing.keyring import Keyring
@@ -133,15 +134,32 @@ def test_a_slow_server_gets_the_fallback_at_the_deadline(servers: list[ServerPro
     assert fallbacks == 1
 
 
-def test_the_call_left_behind_at_the_deadline_is_dropped_by_the_server(
+def test_calls_left_behind_at_the_deadline_are_dropped_by_the_server(
     servers: list[ServerProcess],
 ) -> None:
-    before = _executions(servers[0], "queued")
-    with DecisionClient([servers[0].url], "queued", deadline_ms=DEADLINE_MS, fallback=-1) as c:
-        decision = c.decide(OBS)
-        assert decision.fallback_used and decision.fallback_reason == "deadline"
+    """A plain call, and a hedged call with its hedge: none is computed after the fallback."""
+    before = [_executions(s, "queued") for s in servers]
+    registry = CollectorRegistry()
+    with (
+        DecisionClient([servers[0].url], "queued", deadline_ms=DEADLINE_MS, fallback=-1) as a,
+        DecisionClient(
+            [s.url for s in servers],
+            "queued",
+            deadline_ms=DEADLINE_MS,
+            fallback=-1,
+            hedging=Hedging(after_ms=30),
+            metrics=ClientMetrics(registry),
+        ) as hedged,
+    ):
+        plain = a.decide(OBS)
+        both = hedged.decide(OBS)  # the first attempt and its hedge, one on each replica
         time.sleep(1.3)  # past the model's queue delay: a call still queued would have run
-    assert _executions(servers[0], "queued") == before
+    assert plain.fallback_used and plain.fallback_reason == "deadline"
+    assert both.fallback_used and both.fallback_reason == "deadline"
+    assert both.latency_s <= DEADLINE_MS / 1000 + SLACK_S
+    assert [_executions(s, "queued") for s in servers] == before
+    sent = {"model": "queued", "result": "sent"}
+    assert registry.get_sample_value("forseti_client_hedges_total", sent) == 1
 
 
 def test_bad_input_is_rejected_once_and_never_retried(servers: list[ServerProcess]) -> None:
