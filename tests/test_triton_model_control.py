@@ -149,3 +149,29 @@ def test_statistics_of_a_version_that_is_not_ready_get_tritons_text(repo: Path) 
     refused = _serve(repo, body)
     assert refused.status() == "StatusCode.INVALID_ARGUMENT"
     assert "requested model version is not available for model 'simple'" in refused.message()
+
+
+def test_a_deleted_config_is_replaced_by_the_completed_one_on_reload(tmp_path: Path) -> None:
+    # As Triton's L0_lifecycle test_dynamic_file_delete: with its config gone, the model is
+    # reloaded from the completed config, whose version policy (latest 1) keeps only v3.
+    folder = write_plain_model(
+        tmp_path,
+        "simple",
+        SIMPLE + "version_policy: { all {} }\n",
+        add_sub_onnx(TensorProto.FLOAT),
+    )
+    (folder / "3").mkdir()
+    (folder / "3" / "model.onnx").write_bytes((folder / "1" / "model.onnx").read_bytes())
+
+    async def body(client, srv):
+        before = [await client.is_model_ready("simple", v) for v in ("1", "3")]
+        (folder / "config.pbtxt").unlink()
+        await srv.registry.load_model("simple")
+        after = [await client.is_model_ready("simple", v) for v in ("1", "3")]
+        config = (await client.get_model_config("simple")).config
+        return before, after, config
+
+    before, after, config = _serve(tmp_path, body, load=["simple"])
+    assert before == [True, True]
+    assert after == [False, True]
+    assert config.max_batch_size == 4 and [t.name for t in config.input] == ["INPUT0", "INPUT1"]
