@@ -78,6 +78,7 @@ class ServingHealth:
         self.servicer = _HealthServicer()
         self._lock = asyncio.Lock()
         self._refreshing: set[asyncio.Task[None]] = set()
+        self._models: set[str] = set()  # every model name given a status so far
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Serve grpc.health.v1.Health on `server`."""
@@ -97,8 +98,13 @@ class ServingHealth:
         async with self._lock:
             overall = SERVING if self.state.is_ready(self.registry) else NOT_SERVING
             await self.servicer.set(OVERALL, overall)
-            for name, entry in list(self.registry.routing.models.items()):
+            models = dict(self.registry.routing.models)
+            for name, entry in models.items():
                 await self.servicer.set(name, SERVING if entry.latest is not None else NOT_SERVING)
+            # A model whose folder left the repository has no entry any more.
+            for name in self._models - set(models):
+                await self.servicer.set(name, NOT_SERVING)
+            self._models |= set(models)
 
     async def drain(self) -> None:
         """Every service NOT_SERVING from now on, whatever loads or swaps meanwhile."""

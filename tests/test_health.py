@@ -4,6 +4,7 @@ during the drain, then exit 0. Real `forseti serve` processes and real signals."
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
 import time
@@ -128,6 +129,26 @@ def test_a_watch_keeps_hearing_changes_after_another_watch_of_its_service_ends(
         staying.wait_for(SERVING)
     finally:
         staying.close()
+
+
+def test_a_model_removed_from_a_polled_repository_reports_not_serving(
+    repository: Path, keyring_path: Path
+) -> None:
+    server = ServerProcess(
+        repository,
+        keyring_path,
+        ["--model-control-mode", "poll", "--repository-poll-secs", "0.2"],
+    ).start()
+    try:
+        assert check(server.url, "simple") == SERVING
+        shutil.rmtree(repository / "simple")
+        deadline = time.monotonic() + 30
+        while check(server.url, "simple") != NOT_SERVING:
+            assert time.monotonic() < deadline, "simple still SERVING after leaving the repository"
+            time.sleep(0.05)
+        assert check(server.url) == SERVING  # the others still serve
+    finally:
+        server.stop()
 
 
 def test_swaps_under_load_never_show_not_serving(
