@@ -104,7 +104,7 @@ def main() -> int:
     serve = [sys.executable, "-m", "forseti", "serve", "--model-repository", str(REPO),
              "--keyring", str(KEYRING), "--grpc-address", "127.0.0.1", "--grpc-port", str(port),
              "--metrics-port", str(metrics), "--http-port", str(free_port()),
-             "--model-control-mode", "explicit",
+             "--model-control-mode", "explicit", "--drain-seconds", "0",
              "--log-level", "WARNING"]  # fmt: skip
     print(f"2. server: forseti serve --model-repository {REPO} ... (127.0.0.1:{port})")
     server = subprocess.Popen(serve, stderr=subprocess.DEVNULL)
