@@ -146,6 +146,12 @@ def test_rollback_command_serves_the_pinned_version_and_is_audited(
     )
     assert refused.returncode == 1 and "not committed" in refused.stderr
 
+    unpinned = run_forseti(
+        "rollback", "--keyring", str(keyring_path), "--model-repository", str(repo), "--unpin", name
+    )
+    assert unpinned.returncode == 0, unpinned.stderr
+    wait_for(lambda: served(client, name) == 2, "the version policy's choice again")
+
 
 def test_an_older_manifest_put_back_is_refused(
     repo: Path, keyring: Keyring, server: ServerProcess, client: grpcclient.InferenceServerClient
