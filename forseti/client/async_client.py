@@ -76,7 +76,8 @@ class AsyncDecisionClient(ClientBase):
             self._closing.append(ep.channel)
 
     def attempt_timeout(self, ep: Endpoint, remaining: float, tried: int) -> float:
-        ep.extra["ready"] = ep.channel.get_state(try_to_connect=True) == _READY
+        # grpc.aio tells the channel's state without a polling thread: ask it.
+        ep.connected = ep.channel.get_state(try_to_connect=True) == _READY
         return super().attempt_timeout(ep, remaining, tried)
 
     async def close(self) -> None:
@@ -129,7 +130,10 @@ class AsyncDecisionClient(ClientBase):
                 healthy = await self.check(ep)
                 if healthy != ep.healthy:
                     self.replicas.set_health(ep, healthy, reason="health check")
-            await asyncio.sleep(min(self.probe_every_s, self.check_every_s) / 2)
+            wait = self.replicas.next_check_in(
+                time.monotonic(), self.probe_every_s, self.check_every_s
+            )
+            await asyncio.sleep(min(max(wait, 0.01), self.probe_every_s))
 
     # -- decisions --------------------------------------------------------------------------
 

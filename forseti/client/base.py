@@ -325,6 +325,6 @@ class ClientBase:
         """An attempt's timeout: what is left of the deadline, and no more than the connect
         timeout while the replica's channel is not connected and another replica is left to
         try (`tried`: replicas tried so far, this one included)."""
-        if ep.extra.get("ready", False) or self.replicas.healthy_count() <= tried:
+        if ep.connected or self.replicas.healthy_count() <= tried:
             return remaining
         return min(remaining, self.connect_timeout_s)

@@ -56,6 +56,9 @@ class Endpoint:
     address: str  # what is dialled: "host:port"
     authority: str | None = None  # the DNS name it came from (TLS checks the cert against it)
     healthy: bool = True
+    # Answered a call or a health check since its last failure: its channel is connected, so
+    # an attempt may use the whole deadline (see ClientBase.attempt_timeout).
+    connected: bool = False
     failures: int = 0  # consecutive failed calls
     timeouts: int = 0  # consecutive calls that missed their deadline here
     ejected_at: float = 0.0
@@ -163,12 +166,14 @@ class ReplicaSet:
         return len(self._healthy)
 
     def succeeded(self, ep: Endpoint) -> None:
+        ep.connected = True
         ep.failures = 0
         ep.timeouts = 0
 
     def failed(self, ep: Endpoint, code: grpc.StatusCode) -> bool:
         """Count a failed call; eject the replica when it has failed often enough. True when
         this call ejected it."""
+        ep.connected = False
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             ep.timeouts += 1
             if ep.timeouts < self.eject_after_timeouts:
@@ -200,9 +205,16 @@ class ReplicaSet:
     def due_for_check(self, now: float, probe_every: float, check_every: float) -> list[Endpoint]:
         """Replicas whose health check is due: ejected ones every `probe_every` seconds,
         healthy ones every `check_every`."""
-        due = []
-        for ep in list(self.endpoints):
-            every = check_every if ep.healthy else probe_every
-            if now - ep.checked_at >= every:
-                due.append(ep)
-        return due
+        return [
+            ep
+            for ep in list(self.endpoints)
+            if now - ep.checked_at >= (check_every if ep.healthy else probe_every)
+        ]
+
+    def next_check_in(self, now: float, probe_every: float, check_every: float) -> float:
+        """Seconds until the next health check is due (0 when one is due now)."""
+        waits = [
+            ep.checked_at + (check_every if ep.healthy else probe_every) - now
+            for ep in list(self.endpoints)
+        ]
+        return max(min(waits, default=probe_every), 0.0)
