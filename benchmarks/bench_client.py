@@ -7,7 +7,9 @@ One run (about a minute on 2 cores):
   one loop (A, B, A, B...), at 16 (threads in this process, each with its own client and so
   its own channel and HTTP/2 connection) in slices of `--slice-s` alternating ABBA over
   `--rounds` rounds (each slice's first 0.3 s not recorded); the table gives p50 and p99 over
-  all recorded calls and the added p50 in percent (target: <= 5%);
+  all recorded calls and the added p50 in percent (target: <= 5%), and this process's CPU
+  time per call (the median over slices; at c=1 per call), steadier than latency on a busy
+  machine;
 * **local mode**: `decide` answered in process by a `LocalPolicy` (onnxruntime), beside the
   bare onnxruntime session it runs;
 * **hedging**: two replicas, one behind a DelayProxy adding `--slow-ms`; p50/p99 without
@@ -45,32 +47,42 @@ OBS = np.full(8, 0.1, np.float32)
 WARMUP_S = 0.3
 
 
-def _closed_loop(call: Callable[[], object], stop_at: float, record_after: float) -> list[float]:
+def _closed_loop(
+    call: Callable[[], object], stop_at: float, record_after: float
+) -> tuple[list[float], int]:
+    """Latencies recorded after `record_after`, and how many calls were made in all."""
     latencies: list[float] = []
+    calls = 0
     while True:
         started = time.perf_counter()
         if started >= stop_at:
-            return latencies
+            return latencies, calls
         call()
+        calls += 1
         if started >= record_after:
             latencies.append(time.perf_counter() - started)
 
 
-def _slice(calls: list[Callable[[], object]], seconds: float) -> list[float]:
-    """Run one closed loop per callable in its own thread for `seconds`."""
+def _slice(calls: list[Callable[[], object]], seconds: float) -> tuple[list[float], float]:
+    """Run one closed loop per callable in its own thread for `seconds`: the recorded
+    latencies, and this process's CPU seconds per call (every thread, gRPC's included; the
+    server is another process). CPU per call is steadier than latency on a busy machine."""
     now = time.perf_counter()
     stop_at, record_after = now + seconds, now + WARMUP_S
-    results: list[list[float]] = [[] for _ in calls]
+    results: list[tuple[list[float], int]] = [([], 0) for _ in calls]
 
     def run(i: int) -> None:
         results[i] = _closed_loop(calls[i], stop_at, record_after)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    cpu = time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return [x for r in results for x in r]
+    cpu = time.process_time() - cpu
+    made = sum(n for _, n in results)
+    return [x for r, _ in results for x in r], cpu / max(made, 1)
 
 
 def _triton_call(url: str) -> tuple[Callable[[], object], Callable[[], None]]:
@@ -97,13 +109,16 @@ def _decide_call(url: str) -> tuple[Callable[[], object], Callable[[], None]]:
     return call, client.close
 
 
-def _stats(latencies: list[float]) -> dict[str, float]:
+def _stats(latencies: list[float], cpu_s: list[float] | None = None) -> dict[str, float]:
     a = np.asarray(latencies)
-    return {
+    stats = {
         "calls": float(len(a)),
         "p50_ms": float(np.percentile(a, 50) * 1e3),
         "p99_ms": float(np.percentile(a, 99) * 1e3),
     }
+    if cpu_s:
+        stats["cpu_us"] = float(np.median(cpu_s) * 1e6)
+    return stats
 
 
 def overhead(url: str, concurrency: int, rounds: int, slice_s: float) -> dict[str, dict]:
@@ -111,6 +126,7 @@ def overhead(url: str, concurrency: int, rounds: int, slice_s: float) -> dict[st
     machine; at higher concurrency they alternate in slices, ABBA, so that drift cancels."""
     makers = {"tritonclient.infer": _triton_call, "DecisionClient.decide": _decide_call}
     samples: dict[str, list[float]] = {name: [] for name in makers}
+    cpu: dict[str, list[float]] = {name: [] for name in makers}
     if concurrency == 1:
         alternating = {name: make(url) for name, make in makers.items()}
         for call, _ in alternating.values():
@@ -119,16 +135,18 @@ def overhead(url: str, concurrency: int, rounds: int, slice_s: float) -> dict[st
         record_after = time.perf_counter() + WARMUP_S
         while time.perf_counter() < stop_at:
             for name, (call, _) in alternating.items():
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 call()
                 if started >= record_after:
                     samples[name].append(time.perf_counter() - started)
+                    cpu[name].append(time.process_time() - cpu_started)
         for _, close in alternating.values():
             close()
-        return {name: _stats(s) for name, s in samples.items()}
+        return {name: _stats(s, cpu[name]) for name, s in samples.items()}
     # The way a service would use it: one client (one channel) shared by every thread.
     shared_name = "DecisionClient.decide, one client shared"
     samples[shared_name] = []
+    cpu[shared_name] = []
     names = [*makers, shared_name]
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
@@ -140,10 +158,12 @@ def overhead(url: str, concurrency: int, rounds: int, slice_s: float) -> dict[st
                 pairs = [makers[name](url) for _ in range(concurrency)]
             for warm, _ in pairs:  # connect and warm each channel
                 warm()
-            samples[name] += _slice([c for c, _ in pairs], slice_s)
+            latencies, cpu_per_call = _slice([c for c, _ in pairs], slice_s)
+            samples[name] += latencies
+            cpu[name].append(cpu_per_call)
             for _, close in pairs:
                 close()
-    return {name: _stats(s) for name, s in samples.items()}
+    return {name: _stats(s, cpu[name]) for name, s in samples.items()}
 
 
 def local_mode(repo: Path, keyring: Path, calls: int) -> dict[str, dict]:
@@ -193,16 +213,17 @@ def hedging(fast: str, slow_target: str, slow_ms: float, calls: int) -> dict[str
 
 def _table(results: dict[str, dict[str, dict]]) -> str:
     lines = [
-        "| measurement | variant | calls | p50 ms | p99 ms | p50 added |",
-        "|---|---|---|---|---|---|",
+        "| measurement | variant | calls | p50 ms | p99 ms | p50 added | client CPU us/call |",
+        "|---|---|---|---|---|---|---|",
     ]
     for section, rows in results.items():
         base = next(iter(rows.values()))["p50_ms"]
         for i, (name, s) in enumerate(rows.items()):
             added = "" if i == 0 else f"{(s['p50_ms'] / base - 1) * 100:+.1f}%"
+            cpu = f"{s['cpu_us']:.0f}" if "cpu_us" in s else ""
             lines.append(
                 f"| {section} | {name} | {int(s['calls'])} | {s['p50_ms']:.3f} | "
-                f"{s['p99_ms']:.3f} | {added} |"
+                f"{s['p99_ms']:.3f} | {added} | {cpu} |"
             )
     return "\n".join(lines)
 
