@@ -30,7 +30,7 @@ class Hedging:
 
     after_ms: float | None = None
     percentile: float = 95.0
-    window: int = 512
+    window: int = 128
     min_samples: int = 32
     initial_ms: float | None = None
     min_ms: float = 0.5  # never hedge sooner than this, however fast the recent answers
