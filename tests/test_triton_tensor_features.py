@@ -324,3 +324,20 @@ def test_a_model_folder_without_a_config_is_served_from_the_completed_config(rep
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 4
     assert [(t.name, list(t.dims)) for t in config.input] == [("x", [3])]
     np.testing.assert_array_equal(answer, x)
+
+
+def test_contents_beside_raw_contents_get_tritons_text_before_the_count_check(repo: Path) -> None:
+    # What Triton's grpc_explicit_int_content_client.py sends last: raw data for one of the two
+    # inputs and typed contents on the first; it matches Triton's text.
+    request = pb.ModelInferRequest(model_name="scores")
+    for name in ("INPUT0", "INPUT1"):
+        request.inputs.add(name=name, datatype="FP32", shape=[1, 16])
+    request.inputs[0].contents.fp32_contents.extend([1.0] * 8)
+    request.raw_input_contents.append(np.zeros(8, np.float32).tobytes())
+    refused = _stub_call(repo, request)
+    assert isinstance(refused, grpc.aio.AioRpcError), refused
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "contents field must not be specified when using raw_input_contents for 'INPUT0' for "
+        "model 'scores'" in (refused.details() or "")
+    )
