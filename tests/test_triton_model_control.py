@@ -8,10 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from onnx import TensorProto
+from tritonclient.grpc.aio import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from testkit.model_builders import publish_sealed, write_config
 from testkit.triton_models import add_sub_onnx, write_plain_model
 from tests.inprocess_server import run_inprocess
 
@@ -175,3 +178,30 @@ def test_a_deleted_config_is_replaced_by_the_completed_one_on_reload(tmp_path: P
     assert before == [True, True]
     assert after == [False, True]
     assert config.max_batch_size == 4 and [t.name for t in config.input] == ["INPUT0", "INPUT1"]
+
+
+def test_labels_are_not_read_in_a_sealed_repository(tmp_path: Path, keyring) -> None:
+    # The model manifest authenticates the config and the versions' files, not label files:
+    # a sealed model answers value:index, so nobody without the key can change its labels.
+    config = SIMPLE.replace(
+        'name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] }',
+        'name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] label_filename: "labels.txt" }',
+    )
+    write_config(tmp_path, "simple", config)
+    (tmp_path / "simple" / "labels.txt").write_text("".join(f"x{i}\n" for i in range(16)))
+    publish_sealed(tmp_path, "simple", add_sub_onnx(TensorProto.FLOAT), keyring, version=1)
+    a = np.arange(16, dtype=np.float32).reshape(1, 16)
+
+    async def body(client, srv):
+        tensors = []
+        for name in ("INPUT0", "INPUT1"):
+            tensor = InferInput(name, [1, 16], "FP32")
+            tensor.set_data_from_numpy(a)
+            tensors.append(tensor)
+        result = await client.infer(
+            "simple", tensors, outputs=[InferRequestedOutput("OUTPUT0", class_count=1)]
+        )
+        return result.as_numpy("OUTPUT0")
+
+    classes = run_inprocess(tmp_path, keyring, body, load=["simple"])
+    assert classes[0][0].decode() == "30.000000:15"

@@ -137,6 +137,7 @@ class ModelRegistry:
         self.accepted_serial: dict[str, int] = {}
         # Config overrides of explicit loads (Triton's "config" load parameter), by model.
         self.config_overrides: dict[str, mc.ModelConfig] = {}
+        self._labels_warned: set[tuple[str, str]] = set()
         self._unlisted_warned: set[tuple[str, int]] = set()
         # A remote repository's model names as last listed (by a poll, a load or an index):
         # what the request path and RepositoryIndex use, so neither waits on the store.
@@ -262,7 +263,7 @@ class ModelRegistry:
             [f for v in sorted(listing.versions, reverse=True) for f in listing.versions[v].files],
         )
         spec = model_spec(config, name, complete_later=may_complete(config))
-        spec = self._with_labels(name, spec)
+        spec = self._with_labels(name, spec, authenticated_only=manifest is not None)
         if spec.max_batch_size > self.max_batch_size:
             raise ModelLoadError(
                 f"max_batch_size {spec.max_batch_size} exceeds the server's limit "
@@ -292,11 +293,24 @@ class ModelRegistry:
             self.accepted_serial[name] = max(self.accepted_serial.get(name, 0), manifest.serial)
         return LoadPlan(spec, wanted, digest, listing, manifest)
 
-    def _with_labels(self, name: str, spec: ModelSpec) -> ModelSpec:
-        """The spec with its outputs' class labels (label_filename, in the model folder)."""
+    def _with_labels(self, name: str, spec: ModelSpec, authenticated_only: bool) -> ModelSpec:
+        """The spec with its outputs' class labels (label_filename, in the model folder).
+
+        The model manifest authenticates the config and the versions' files, not label
+        files: in a sealed repository (`authenticated_only`) they are not read, so nobody
+        without the key can change what a classification answers; it answers value:index."""
         labels: dict[str, tuple[str, ...]] = {}
         for out in spec.outputs.values():
             if not out.label_filename:
+                continue
+            if authenticated_only:
+                if (name, out.label_filename) not in self._labels_warned:
+                    self._labels_warned.add((name, out.label_filename))
+                    log.warning(
+                        "label_filename is not authenticated by the model manifest; "
+                        "classification answers value:index without labels",
+                        extra={"model": name, "output": out.name},
+                    )
                 continue
             try:
                 data = self.storage.read(f"{name}/{out.label_filename}", max_bytes=MAX_LABEL_BYTES)
