@@ -3,6 +3,7 @@ versions, and leaves to the server what it cannot answer."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from forseti.client import DecisionClient, DecisionRejected, LocalPolicy
+from forseti.client import AsyncDecisionClient, DecisionClient, DecisionRejected, LocalPolicy
 from forseti.core.repository.manifest import commit_manifest, pinned
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import seal_bytes
@@ -113,3 +114,14 @@ def test_local_mode_refuses_bad_input_as_the_server_would(
         client.decide(np.zeros(5, np.float32))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.endpoint == "local"
     assert "expects FP32 [-1, 8]" in e.value.message
+
+
+def test_the_async_client_answers_locally_too(repository: Path, keyring_path: Path) -> None:
+    async def scenario() -> tuple[str | None, str | None, tuple[int, ...]]:
+        local = LocalPolicy(repository, "policy", keyring_path, poll_s=0)
+        async with AsyncDecisionClient([], "policy", fallback=-1, local=local) as client:
+            one = await client.decide(OBS)
+            batch = await client.decide_batch(np.zeros((3, 8), np.float32))
+        return one.endpoint, batch.model_version, batch.action.shape
+
+    assert asyncio.run(scenario()) == ("local", "1", (3, 1))
