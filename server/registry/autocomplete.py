@@ -66,10 +66,11 @@ def complete_platform(config: mc.ModelConfig, file_names: Iterable[str]) -> None
 
 
 def may_complete(config: mc.ModelConfig) -> bool:
-    """Whether the model's own signature may add to this config (an ONNX model whose config
-    lacks inputs or outputs, or does not enable batching)."""
+    """Whether the model's own signature may add to this config: an ONNX model whose config
+    lacks inputs or outputs. (A config that declares both is taken as it is, batching
+    included: completing it would mean parsing every such model a second time at load.)"""
     onnx = config.platform == "onnxruntime_onnx" or config.backend == "onnxruntime"
-    return onnx and (not config.input or not config.output or config.max_batch_size == 0)
+    return onnx and (not config.input or not config.output)
 
 
 def _dims(value_info: onnx_pb.ValueInfoProto) -> list[int]:
