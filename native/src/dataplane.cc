@@ -145,7 +145,10 @@ class Call;
 struct CallLink {
   std::recursive_mutex mu;  // a Finish may run OnDone on the calling thread
   Call* call = nullptr;
+  uint64_t id = 0;  // names the call to Python (its fallback task, for a cancellation)
 };
+
+std::atomic<uint64_t> next_link_id{1};
 
 std::string Flatten(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
@@ -200,6 +203,7 @@ class Server {
   void set_fallback(py::object fallback) { fallback_ = std::move(fallback); }
   void set_failure(py::object failure) { failure_ = std::move(failure); }
   void set_limit_refusal(py::object refusal) { limit_refusal_ = std::move(refusal); }
+  void set_cancel(py::object cancel) { cancel_ = std::move(cancel); }
   void set_canned(py::bytes canned) { canned_ = std::string(canned); }
   void set_checked_methods(std::vector<std::string> methods) {
     std::unique_lock lock(mu_);
@@ -255,8 +259,10 @@ class Server {
   py::object fallback_;
   py::object failure_;
   py::object limit_refusal_;
+  py::object cancel_;
   std::string canned_;
   std::atomic<int> active_calls_{0};
+  std::atomic<int64_t> live_calls_{0};  // reactors not yet done (a leak shows here)
   std::atomic<int> inflight_{0};
   std::atomic<uint64_t> native_calls_{0};
   std::atomic<uint64_t> fallback_calls_{0};
@@ -290,6 +296,8 @@ class Call final : public grpc::ServerGenericBidiReactor {
   Call(Server* server, grpc::GenericCallbackServerContext* ctx)
       : server_(server), ctx_(ctx), link_(std::make_shared<CallLink>()) {
     link_->call = this;
+    link_->id = next_link_id++;
+    server_->live_calls_++;
     const std::string& method = ctx->method();
     stream_ = method == kStreamInfer;
     server_stream_ = method == kHealthWatch;
@@ -382,12 +390,24 @@ class Call final : public grpc::ServerGenericBidiReactor {
     }
   }
 
+  // The client cancelled, its deadline passed or it went away: a call that Python is answering
+  // has its task cancelled, as grpc.aio cancels a handler's task.
+  void OnCancel() override {
+    if (!handed_over_.load() || !server_->cancel_) return;
+    try {
+      Gil gil;
+      server_->cancel_(link_->id);
+    } catch (const std::exception&) {
+    }
+  }
+
   void OnDone() override {
     {
       std::lock_guard<std::recursive_mutex> lock(link_->mu);
       link_->call = nullptr;
     }
     if (counted_) server_->active_calls_--;
+    server_->live_calls_--;
     delete this;
   }
 
@@ -474,6 +494,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
                 grpc::Status* status);
 
   void Fallback(grpc::ByteBuffer* request) {
+    handed_over_ = true;
     try {
       Gil gil;
       py::list metadata;
@@ -514,6 +535,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
   bool server_stream_ = false;
   bool infer_ = false;
   bool counted_ = false;
+  std::atomic<bool> handed_over_{false};
   grpc::ByteBuffer in_;
   grpc::ByteBuffer out_;
 
@@ -838,6 +860,7 @@ PYBIND11_MODULE(forseti_native, m) {
       .def_readonly("version", &Route::version);
 
   py::class_<CallLink, std::shared_ptr<CallLink>>(m, "CallLink")
+      .def_readonly("id", &CallLink::id)
       .def(
           "answer",
           [](CallLink& link, int code, const std::string& message, std::optional<py::bytes> payload) {
@@ -895,6 +918,7 @@ PYBIND11_MODULE(forseti_native, m) {
       .def("set_fallback", &Server::set_fallback)
       .def("set_failure", &Server::set_failure)
       .def("set_limit_refusal", &Server::set_limit_refusal)
+      .def("set_cancel", &Server::set_cancel)
       .def("set_canned", &Server::set_canned)
       .def("set_checked_methods", &Server::set_checked_methods)
       .def("start", &Server::start, py::arg("address"), py::arg("tls") = false,
@@ -905,6 +929,7 @@ PYBIND11_MODULE(forseti_native, m) {
       .def("clear_routes", &Server::clear_routes)
       .def_property_readonly("native_calls", [](Server& s) { return s.native_calls_.load(); })
       .def_property_readonly("fallback_calls", [](Server& s) { return s.fallback_calls_.load(); })
+      .def_property_readonly("live_calls", [](Server& s) { return s.live_calls_.load(); })
       .def_property_readonly("gil_wait_ns", [](Server& s) { return s.gil_wait_ns_.load(); })
       .def_property_readonly("native_ns", [](Server& s) { return s.native_ns_.load(); });
 }

@@ -182,6 +182,7 @@ class NativeGrpcServer:
         self._server.set_fallback(self._fallback)
         self._server.set_failure(self._failure)
         self._server.set_limit_refusal(functools.partial(self._limit_refusal, max_inflight))
+        self._server.set_cancel(self._cancelled)
         # Methods whose calls pass the interceptors first: unary ModelInfer then goes to Python
         # whole; a stream is admitted once by Python, then served natively.
         self._server.set_checked_methods(list(restricted_methods))
@@ -189,7 +190,7 @@ class NativeGrpcServer:
         self._tls = tls or GrpcTlsOptions()
         self._methods: dict[str, Handler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # by the call's link id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._registry = registry
         self._routes: dict[LoadedVersion, Any] = {}
@@ -216,6 +217,7 @@ class NativeGrpcServer:
         pass  # serving began when the port was bound
 
     async def stop(self, grace: float | None) -> None:
+        not_done, tasks = self._server.live_calls, len(self._tasks)
         await asyncio.to_thread(self._server.shutdown, grace or 0.0)
         calls = max(1, self.native_calls)
         log.info(
@@ -225,6 +227,8 @@ class NativeGrpcServer:
                 "fallback_calls": self.fallback_calls,
                 "native_us_per_call": round(self._server.native_ns / calls / 1e3, 1),
                 "gil_wait_us_per_call": round(self._server.gil_wait_ns / calls / 1e3, 1),
+                "calls_open_at_stop": not_done,
+                "fallback_tasks_at_stop": tasks,
             },
         )
         self._server.clear_routes()
@@ -353,10 +357,30 @@ class NativeGrpcServer:
 
     # ---- on the event loop ----------------------------------------------------------------
 
-    def _spawn(self, *args: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(*args))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _cancelled(self, link_id: int) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(self._cancel_task, link_id)
+
+    def _cancel_task(self, link_id: int) -> None:
+        task = self._tasks.get(link_id)
+        if task is not None:
+            task.cancel()
+
+    def _spawn(self, link: Any, *args: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(link, *args))
+        key = int(link.id)
+        self._tasks[key] = task
+        task.add_done_callback(functools.partial(self._task_done, key, link))
+
+    def _task_done(self, key: int, link: Any, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(key) is task:  # a stream's next request may have its own by now
+            del self._tasks[key]
+        if task.cancelled():
+            # Cancelled before it ran a line (its own handler answers otherwise): the call
+            # must still end, or the server would wait for it forever. A second answer to a
+            # call is ignored.
+            link.answer(grpc.StatusCode.CANCELLED.value[0], "the call was cancelled")
 
     def _lookup(self, method: str) -> Handler | None:
         handler = self._methods.get(method)
@@ -434,7 +458,7 @@ class NativeGrpcServer:
             code = context.code_ or grpc.StatusCode.UNKNOWN
             link.answer(code.value[0], context.details_)
         except asyncio.CancelledError:
-            link.answer(grpc.StatusCode.CANCELLED.value[0], "the server is stopping")
+            link.answer(grpc.StatusCode.CANCELLED.value[0], "the call was cancelled")
             raise
         except Exception as exc:
             # grpc.aio's own answer to an exception that escapes a handler.
