@@ -53,11 +53,11 @@ native: $(VENV)/.installed-dev
 	cp build/native/forseti_native*.so $(NATIVE_SO)/
 	$(PY) -c 'import forseti_native; print("native data plane built:", forseti_native.__file__)'
 
-# The protocol, stream, fuzz, swap, TLS, restricted-protocol and health tests against the
-# native data plane (the same files `make test` runs against the Python one): about 4 minutes.
+# The protocol, stream, fuzz, swap, TLS, restricted-protocol, health and fault tests against the
+# native data plane (the same files `make test` runs against the Python one): about 5 minutes.
 NATIVE_TESTS = tests/test_native_dataplane.py tests/test_protocol.py tests/test_protocol_aio.py \
 	tests/test_fuzz.py tests/test_swap_under_load.py tests/test_restricted_protocol.py \
-	tests/test_tls.py tests/test_health.py
+	tests/test_tls.py tests/test_health.py tests/test_faults.py
 test-native: native
 	FORSETI_DATA_PLANE=native $(PY) -m pytest -q $(NATIVE_TESTS)
 

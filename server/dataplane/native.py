@@ -18,6 +18,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from forseti.server.security.tls import GrpcTlsOptions, _read, load_server_pair
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_SLACK_S = 10.0  # past the grace period, for cancelled calls to end
 STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -218,7 +220,26 @@ class NativeGrpcServer:
 
     async def stop(self, grace: float | None) -> None:
         not_done, tasks = self._server.live_calls, len(self._tasks)
-        await asyncio.to_thread(self._server.shutdown, grace or 0.0)
+        # gRPC's Shutdown returns once every call has ended; calls still running at the grace
+        # deadline are cancelled. A daemon thread, and a bound on the wait: a call that never
+        # ended (a bug) is logged and must not keep the process from exiting.
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def shutdown() -> None:
+            try:
+                self._server.shutdown(grace or 0.0)
+            finally:
+                loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=shutdown, name="native-shutdown", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), (grace or 0.0) + SHUTDOWN_SLACK_S)
+        except TimeoutError:
+            log.error(
+                "native data plane: calls did not end after the grace period; exiting anyway",
+                extra={"calls_open": self._server.live_calls},
+            )
         calls = max(1, self.native_calls)
         log.info(
             "native data plane stopped",
