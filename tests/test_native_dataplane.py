@@ -401,3 +401,22 @@ def test_the_native_port_gives_malformed_requests_proper_statuses(
         stream()
     assert server.proc is not None and server.proc.poll() is None
     assert unary(server, infer_request()) == ("OK", "")
+
+
+@needs_native
+def test_a_second_native_server_on_a_taken_port_refuses_to_start(
+    servers: dict[str, ServerProcess], repository: Path, keyring_path: Path
+) -> None:
+    taken = str(servers["native"].grpc_port)
+    args = serve_args(repository, keyring_path, "--data-plane", "native", "--grpc-address")
+    args += ["127.0.0.1"]
+    args[args.index("--grpc-port") + 1] = taken
+    result = subprocess.run(
+        [sys.executable, "-m", "forseti", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{taken}" in result.stderr
