@@ -24,6 +24,7 @@ CPU per call): at c=16 the client, not the server, may be the limit on a small m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -281,10 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-calls", type=int, default=2000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    try:
-        import forseti_native  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError as exc:
-        print(f"the native extension is not built (`make native`): {exc}", file=sys.stderr)
+    if importlib.util.find_spec("forseti_native") is None:
+        print("the native extension is not built (`make native`)", file=sys.stderr)
         return 2
     started = time.monotonic()
     result = run(args)
