@@ -164,6 +164,12 @@ grpc::ByteBuffer FromBytes(const char* data, size_t n) {
   return grpc::ByteBuffer(&slice, 1);
 }
 
+// Text from the wire (a method path, a metadata key or value) as a Python str that never fails
+// to decode: gRPC admits only printable ASCII there, and Latin-1 maps any byte to a character.
+py::str WireText(const char* data, size_t n) {
+  return py::reinterpret_steal<py::str>(PyUnicode_DecodeLatin1(data, Py_ssize_t(n), nullptr));
+}
+
 const char* DatatypeOf(const py::dtype& dt) {
   const char kind = dt.kind();
   const auto size = dt.itemsize();
@@ -501,16 +507,16 @@ class Call final : public grpc::ServerGenericBidiReactor {
       for (const auto& [key, value] : ctx_->client_metadata()) {
         std::string k(key.data(), key.size());
         if (k.size() > 4 && k.compare(k.size() - 4, 4, "-bin") == 0)
-          metadata.append(py::make_tuple(k, py::bytes(value.data(), value.size())));
+          metadata.append(py::make_tuple(WireText(k.data(), k.size()), py::bytes(value.data(), value.size())));
         else
-          metadata.append(py::make_tuple(k, py::str(value.data(), value.size())));
+          metadata.append(py::make_tuple(WireText(k.data(), k.size()), WireText(value.data(), value.size())));
       }
       py::dict auth;
       auto auth_context = ctx_->auth_context();
       if (auth_context && auth_context->IsPeerAuthenticated()) {
         for (auto it = auth_context->begin(); it != auth_context->end(); ++it) {
           const auto& property = *it;
-          py::str name(property.first.data(), property.first.size());
+          py::str name = WireText(property.first.data(), property.first.size());
           if (!auth.contains(name)) auth[name] = py::list();
           auth[name].cast<py::list>().append(py::bytes(property.second.data(), property.second.size()));
         }
@@ -522,7 +528,10 @@ class Call final : public grpc::ServerGenericBidiReactor {
       }
       py::object payload = py::none();
       if (request != nullptr) payload = py::bytes(Flatten(*request));
-      server_->fallback_(link_, ctx_->method(), payload, metadata, timeout, ctx_->peer(), auth);
+      const std::string& method = ctx_->method();
+      const std::string peer = ctx_->peer();
+      server_->fallback_(link_, WireText(method.data(), method.size()), payload, metadata, timeout,
+                         WireText(peer.data(), peer.size()), auth);
     } catch (const std::exception& e) {
       FinishWith(grpc::Status(grpc::StatusCode::INTERNAL, "internal error in the data plane"));
     }
