@@ -162,8 +162,7 @@ def _from_contents(
         size = ts.ttype.dtype.itemsize
         refused = byte_size_mismatch(ts.name, model, count * size, len(values) * size)
         raise InvalidArgument(
-            f"{refused.message} ({len(values)} values in contents.{field}, the shape needs "
-            f"{count})"
+            f"{refused.message} ({len(values)} values in contents.{field}, the shape needs {count})"
         )
     try:
         return np.array(values, dtype=ts.ttype.dtype)
