@@ -4,19 +4,29 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test typecheck lint bench clean native native-deps test-native
+.PHONY: demo test typecheck lint bench clean lock native native-deps test-native
 
-$(VENV)/.installed-dev: pyproject.toml
+# Every install comes from requirements.lock: each direct and transitive dependency pinned with
+# its sha256 hashes (CPU torch included, from the machine's wheel folder), then the project itself
+# without resolving anything. Refresh the lock with `make lock` after changing pyproject.toml.
+LOCK_EXTRAS := --extra dev --extra train --extra load --extra native
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --require-hashes --no-deps -r requirements.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The training extra needs torch: install the CPU build first, so that no CUDA build is
-# resolved from scratch (several GB) when stable-baselines3 asks for torch.
-$(VENV)/.installed-train: $(VENV)/.installed-dev
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,train]'
+# Kept as names for the targets below and for anyone used to them.
+$(VENV)/.installed-dev $(VENV)/.installed-train: $(VENV)/.installed
 	touch $@
+
+# pip-tools (pip's own resolver, so it sees the CPU torch wheel on this machine's disk) in a
+# throwaway environment; --no-emit-index-url keeps machine paths out of the lock.
+lock:
+	$(PYTHON) -m venv build/lock-tools
+	build/lock-tools/bin/pip install -q pip-tools==7.6.2
+	build/lock-tools/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --all-build-deps $(LOCK_EXTRAS) -o requirements.lock pyproject.toml
 
 demo: $(VENV)/.installed-train
 	$(PY) examples/demo.py
