@@ -14,8 +14,9 @@ COPY trainer_sidecar trainer_sidecar
 COPY loadtests loadtests
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 USER 10001:10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # The keyring is mounted at run time (a secret), never baked into the image.
 ENTRYPOINT ["forseti", "serve"]
 CMD ["--model-repository", "/models", "--keyring", "/run/secrets/forseti_keyring", \
-     "--model-control-mode", "poll", "--repository-poll-secs", "2", "--metrics-address", "0.0.0.0"]
+     "--model-control-mode", "poll", "--repository-poll-secs", "2", "--http-port", "8000", \
+     "--metrics-address", "0.0.0.0"]

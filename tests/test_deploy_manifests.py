@@ -6,6 +6,7 @@ and the settings the fleet depends on checked across files (probes, non-root use
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from forseti.server.cli import serve_parser
 from forseti.trainer_sidecar.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,3 +337,57 @@ def test_the_trainer_specs_parse_and_reach_every_replica() -> None:
     assert fleet.server.token_file is not None
     side = specs["forseti-side-by-side-spec"]
     assert side.server.url == f"127.0.0.1:{GRPC_PORT}"
+
+
+HTTP_PORT = 8000
+
+
+def served_ports(args: list[str]) -> dict[str, int]:
+    """The ports `forseti serve` listens on with these arguments, read by its own parser."""
+    options = serve_parser().parse_args(args)
+    ports = {"metrics": options.metrics_port}
+    if options.allow_grpc:
+        ports["grpc"] = options.grpc_port
+    if options.allow_http:
+        ports["http"] = options.http_port
+    return ports
+
+
+def test_every_port_the_servers_listen_on_is_declared_by_name() -> None:
+    for name, container in server_containers():
+        args = container["args"]
+        # Stated, not left to the default, so the manifest says what it exposes.
+        assert f"--http-port={HTTP_PORT}" in args, name
+        declared = {p["containerPort"]: p.get("name") for p in container["ports"]}
+        for kind, port in served_ports(args).items():
+            assert port in declared, (name, kind, port)
+            if kind == "http":
+                assert declared[port] == "http", name
+        # KServe routes to the first port: the gRPC one (protocolVersions grpc-v2).
+        assert container["ports"][0]["containerPort"] == GRPC_PORT, name
+
+
+def test_the_services_expose_the_servers_grpc_and_http_ports() -> None:
+    deployment = by_kind("Deployment")[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    by_port_name = {p["name"]: p["containerPort"] for p in container["ports"]}
+    listening = served_ports(container["args"])
+    for service in by_kind("Service"):
+        targets = {
+            by_port_name.get(p["targetPort"], p["targetPort"]) for p in service["spec"]["ports"]
+        }
+        assert {listening["grpc"], listening["http"]} <= targets, service["metadata"]["name"]
+
+
+def test_the_server_image_and_compose_expose_grpc_and_http() -> None:
+    dockerfile = (ROOT / "docker" / "server.Dockerfile").read_text()
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", dockerfile, re.MULTILINE)[1].split()}
+    cmd = json.loads(
+        re.search(r"^CMD (\[.*?\])$", dockerfile.replace("\\\n", ""), re.MULTILINE | re.DOTALL)[1]
+    )
+    assert "--http-port" in cmd
+    listening = served_ports(cmd)
+    assert set(listening.values()) <= exposed
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    published = {int(p.rsplit(":", 1)[1]) for p in compose["services"]["server"]["ports"]}
+    assert set(listening.values()) <= published
