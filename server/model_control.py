@@ -30,6 +30,7 @@ from forseti.core.errors import (
 )
 from forseti.server.audit_trail import AuditTrail, peer_address
 from forseti.server.registry.model_registry import IndexItem, ModelRegistry
+from forseti.server.registry.version_loader import RepositoryUnavailable
 from forseti.server.security.restricted import CallerIdentity
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,13 @@ class ModelControl:
                 raise NotFound(
                     f"failed to load '{shown(model)}', failed to poll from model repository: "
                     f"{exc.message}"
+                ) from None
+            except RepositoryUnavailable as exc:
+                # Not the model's fault and retryable: the store did not answer.
+                raise Unavailable(
+                    f"failed to load '{model}': the model repository could not be read; the "
+                    f"versions already loaded keep serving, retry once it is reachable "
+                    f"({exc.reason})"
                 ) from None
             except ModelLoadError as exc:
                 raise InvalidArgument(f"failed to load '{model}': {exc.reason}") from None

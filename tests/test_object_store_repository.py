@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from forseti.core.repository.listing import COMMIT_NAME, list_model
 from forseti.core.repository.manifest import read_manifest
@@ -273,3 +274,22 @@ def test_explicit_mode_loads_a_new_version_from_s3_on_request(
         assert served(client) == 2
         index = client.get_model_repository_index(as_json=True)["models"]
         assert [(m["name"], m["version"], m["state"]) for m in index] == [("policy", "2", "READY")]
+
+
+def test_an_explicit_load_during_a_store_outage_is_unavailable_and_the_live_version_serves(
+    repo_url: str, keyring: Keyring, door: S3Server, servers
+) -> None:
+    publish(repo_url, keyring, 1)
+    server = servers(repo_url, "--model-control-mode", "explicit", "--load-model", "policy")
+    with server.client() as client:
+        door.stop()
+        try:
+            with pytest.raises(InferenceServerException) as refused:
+                client.load_model("policy")
+            assert served(client) == 1
+        finally:
+            door.start()
+    # Retryable, not the load failure (INVALID_ARGUMENT) a bad model gets.
+    assert refused.value.status() == "StatusCode.UNAVAILABLE"
+    assert "the model repository could not be read" in refused.value.message()
+    assert "keep serving" in refused.value.message()

@@ -75,18 +75,13 @@ from forseti.server.registry.routing import (
     RoutingTable,
     VersionStatus,
 )
-from forseti.server.registry.version_loader import VersionLoader
+from forseti.server.registry.version_loader import RepositoryUnavailable, VersionLoader
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)
 
 # A label file (one class label a line) is read whole; past this it is refused.
 MAX_LABEL_BYTES = 16 * 1024 * 1024
-
-
-class RepositoryUnavailable(ModelLoadError):
-    """The repository's storage could not be read (an object store that errors or times out):
-    nothing changed, and the next poll tries again."""
 
 
 @dataclass(frozen=True)
@@ -412,6 +407,7 @@ class ModelRegistry:
         plan = await self._plan(entry, listing)
         new_map: dict[int, LoadedVersion] = {}
         failures: dict[int, str] = {}
+        unreadable = False  # a version failed because the store could not be read
         for v in plan.wanted:
             existing = entry.versions.get(v)
             listed = plan.listing.versions.get(v)
@@ -441,6 +437,7 @@ class ModelRegistry:
                 new_map[v] = await self._load_version(entry, plan, v, listed)
             except ModelLoadError as exc:
                 failures[v] = exc.reason
+                unreadable |= isinstance(exc, RepositoryUnavailable)
                 if existing is not None:
                     new_map[v] = existing  # the live one keeps serving
 
@@ -460,7 +457,8 @@ class ModelRegistry:
         if failures:
             summary = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
             entry.reason = summary if not entry.versions else ""
-            raise ModelLoadError(summary)
+            # An outage is retryable (the poll tries again, a load answers UNAVAILABLE).
+            raise RepositoryUnavailable(summary) if unreadable else ModelLoadError(summary)
         entry.reason = ""
 
     def _released(self, lv: LoadedVersion) -> None:

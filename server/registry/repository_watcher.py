@@ -19,7 +19,8 @@ import logging
 from forseti.core.errors import ModelLoadError, NotFound
 from forseti.core.repository.listing import ModelListing, list_model, list_model_names
 from forseti.core.storage import Storage, StorageError
-from forseti.server.registry.model_registry import ModelRegistry, RepositoryUnavailable
+from forseti.server.registry.model_registry import ModelRegistry
+from forseti.server.registry.version_loader import RepositoryUnavailable
 
 log = logging.getLogger(__name__)
 

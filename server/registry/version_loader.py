@@ -19,7 +19,13 @@ from forseti.core.repository.layout import DEFAULT_MAX_ARTIFACT_BYTES
 from forseti.core.repository.listing import VersionListing, find_listed_artifact
 from forseti.core.sealing.keyring import Keyring
 from forseti.core.sealing.sealed import SealError, open_sealed_buffer, peek_key_id
-from forseti.core.storage import Storage, StorageError, StorageNotFound, TooLarge
+from forseti.core.storage import (
+    Storage,
+    StorageError,
+    StorageNotFound,
+    StorageUnavailable,
+    TooLarge,
+)
 from forseti.server.backends import create_backend
 from forseti.server.backends.base import Backend
 from forseti.server.registry.autocomplete import complete_spec
@@ -29,6 +35,11 @@ from forseti.server.scheduler.selection import create_scheduler
 from forseti.server.stats import VersionStats
 
 log = logging.getLogger(__name__)
+
+
+class RepositoryUnavailable(ModelLoadError):
+    """The repository's storage could not be read (an object store that errors or times out):
+    a retryable failure, not the model's (nothing changed; the next poll or load tries again)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,10 @@ class VersionLoader:
             ) from None
         except StorageError as exc:
             log.warning("cannot read artifact", extra={"model": spec.name, "detail": str(exc)})
+            if isinstance(exc, StorageUnavailable):
+                raise RepositoryUnavailable(
+                    f"cannot read the model repository ({type(exc).__name__})"
+                ) from None
             raise ModelLoadError(f"cannot read artifact: {type(exc).__name__}") from None
         except OSError as exc:
             raise ModelLoadError(
