@@ -8,16 +8,21 @@ are recorded here, in one place, whatever the scheduler.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
+import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from forseti.core.errors import ResourceExhausted
 from forseti.server.protocol.request_options import CallDeadline, request_options
 from forseti.server.protocol.tensors import (
+    PlainTensor,
     ResponseEncoder,
     classifications,
     classify,
     decode_inputs,
+    decode_plain,
     requested_outputs,
 )
 from forseti.server.registry.lifecycle import LifecycleEvent, VersionReleased
@@ -26,6 +31,7 @@ from forseti.server.registry.model_registry import ModelRegistry
 from forseti.server.scheduler.base import NO_OPTIONS
 
 _now_ns = time.monotonic_ns
+T = TypeVar("T")
 
 
 class InferenceHandler:
@@ -91,6 +97,63 @@ class InferenceHandler:
             time.time_ns() // 1_000_000,
         )
         return response
+
+    async def infer_plain(
+        self,
+        model: str,
+        version: str,
+        inputs: Sequence[PlainTensor],
+        outputs: Sequence[str],
+        encode: Callable[[LoadedVersion, list[str], list[np.ndarray]], T],
+    ) -> T | None:
+        """`infer` for a request with no parameters whose inputs are already split from their
+        wire format (the HTTP front door's), answered by `encode(version, names, outputs)`.
+
+        Only the common case is taken: inputs that `decode_plain` accepts and known, distinct
+        output names. Anything else returns None before anything is counted, and the caller
+        sends the request's protobuf form to `infer`, whose checks word the error."""
+        start = _now_ns()
+        lv = self._route(model, version)
+        if self.max_inflight and self.inflight >= self.max_inflight:
+            raise ResourceExhausted(
+                f"server is at its limit of {self.max_inflight} in-flight requests; retry later"
+            )
+        spec = lv.spec
+        fast = decode_plain(inputs, spec)
+        if fast is None:
+            return None
+        if outputs:
+            names = list(outputs)
+            if len(set(names)) != len(names) or any(n not in spec.outputs for n in names):
+                return None
+        else:
+            names = lv.output_names
+        feeds, batch = fast
+        stats = lv.stats
+        lv.acquire()
+        self.inflight += 1
+        try:
+            decoded = _now_ns()
+            done = await lv.scheduler.schedule(feeds, batch, names, NO_OPTIONS)
+            answered = _now_ns()
+            answer = encode(lv, names, done.outputs)
+            end = _now_ns()
+        except BaseException:
+            stats.record_failure(_now_ns() - start)
+            raise
+        finally:
+            self.inflight -= 1
+            lv.release()
+        stats.record_success(
+            end - start,
+            done.queue_ns,
+            decoded - start,
+            done.infer_ns,
+            end - answered,
+            done.executed,
+            time.time_ns() // 1_000_000,
+        )
+        return answer
 
     async def on_event(self, event: LifecycleEvent) -> None:
         """A released version's encoder goes with it."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +24,15 @@ import orjson
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
-from forseti.core.datatypes import BY_NAME
+from forseti.core.datatypes import ANY_BY_DTYPE, BY_NAME
 from forseti.core.errors import InvalidArgument
+from forseti.server.protocol.tensors import strings_raw
 
 INFER_HEADER = "inference-header-content-length"
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 _INT_KINDS = "iub"  # numpy kinds an integer tensor's JSON values may parse to (bools are ints)
 _FLOAT_KINDS = "iubf"
+_OBJECT = np.dtype(np.object_)
 
 
 def dumps(obj: object) -> bytes:
@@ -52,21 +54,29 @@ def _object(value: object, what: str) -> dict[str, Any]:
     return value
 
 
-def _set_parameter(target: Any, key: str, value: object, where: str) -> None:
-    """One JSON parameter into an InferParameter map (bool, int, float or string)."""
-    p = target[key]
+def _parameter_field(key: str, value: object, where: str) -> str:
+    """The InferParameter field a JSON parameter goes into (bool, int, float or string)."""
     if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
+        return "bool_param"
+    if isinstance(value, int):
         if not -(2**63) <= value < 2**63:
             raise InvalidArgument(f"{where} parameter '{key[:64]}' is out of range")
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    elif isinstance(value, str):
-        p.string_param = value
-    else:
-        raise InvalidArgument(f"{where} parameter '{key[:64]}' must be a boolean, number or string")
+        return "int64_param"
+    if isinstance(value, float):
+        return "double_param"
+    if isinstance(value, str):
+        return "string_param"
+    raise InvalidArgument(f"{where} parameter '{key[:64]}' must be a boolean, number or string")
+
+
+# A parameter as decoded: (InferParameter field, value); set on a protobuf map only when the
+# request takes the protobuf path (InferenceHandler.infer).
+Parameters = dict[str, tuple[str, object]]
+
+
+def _set_parameters(target: Any, parameters: Parameters) -> None:
+    for key, (name, value) in parameters.items():
+        setattr(target[key], name, value)
 
 
 def _parameters(value: object, what: str) -> dict[str, Any]:
@@ -106,8 +116,9 @@ def _bytes_elements(data: list[Any], name: str) -> bytes:
     return bytes(out)
 
 
-def _json_tensor_bytes(data: object, datatype: str, shape: list[int], name: str) -> bytes:
-    """The raw bytes of a tensor given as JSON `data` (nested or flat) of `datatype`."""
+def _json_tensor(data: object, datatype: str, shape: list[int], name: str) -> bytes | np.ndarray:
+    """A tensor given as JSON `data` (nested or flat) of `datatype`: a flat array of its
+    dtype, or for BYTES the raw bytes in Triton's serialised form."""
     if not isinstance(data, list):
         raise InvalidArgument(f"input '{name}': 'data' must be a JSON array")
     if datatype == "BYTES":
@@ -137,7 +148,7 @@ def _json_tensor_bytes(data: object, datatype: str, shape: list[int], name: str)
         info = np.iinfo(ttype.dtype)
         if values.min() < info.min or values.max() > info.max:
             raise InvalidArgument(f"input '{name}' has values out of range for {datatype}")
-    return values.astype(ttype.dtype, copy=False).tobytes()
+    return values.astype(ttype.dtype, copy=False).reshape(-1)
 
 
 def _exact_integers(data: list[Any], dtype: np.dtype, name: str, datatype: str) -> np.ndarray:
@@ -152,15 +163,103 @@ def _exact_integers(data: list[Any], dtype: np.dtype, name: str, datatype: str) 
 
 
 @dataclass
-class HttpInferRequest:
-    """A decoded HTTP inference request: the protobuf request, and how each output goes back."""
+class HttpInput:
+    """One input as the body gave it: `data` is the raw bytes (binary data, BYTES) or a flat
+    array of the datatype's dtype (JSON numbers)."""
 
-    request: pb.ModelInferRequest
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: Parameters
+    data: bytes | np.ndarray
+
+    @property
+    def raw(self) -> bytes:
+        data = self.data
+        return data if isinstance(data, bytes) else data.tobytes()
+
+
+@dataclass
+class HttpOutput:
+    """One requested output (its `binary_data` parameter is read into HttpInferRequest)."""
+
+    name: str
+    parameters: Parameters
+
+
+@dataclass
+class HttpInferRequest:
+    """A decoded HTTP inference request, checked for what is specific to the wire format;
+    `to_proto()` is the gRPC request it stands for, and the rest is how each output goes back."""
+
+    model: str
+    version: str
+    id: str = ""
+    parameters: Parameters = field(default_factory=dict)
+    inputs: list[HttpInput] = field(default_factory=list)
+    outputs: list[HttpOutput] = field(default_factory=list)
     binary_outputs: bool = False  # the request's `binary_data_output`
     output_binary: dict[str, bool] = field(default_factory=dict)  # per output `binary_data`
 
     def wants_binary(self, output: str) -> bool:
         return self.output_binary.get(output, self.binary_outputs)
+
+    @property
+    def parameter_free(self) -> bool:
+        """No parameter reaches the handler: the request can skip the protobuf form."""
+        return (
+            not self.parameters
+            and not any(t.parameters for t in self.inputs)
+            and not any(o.parameters for o in self.outputs)
+        )
+
+    def to_proto(self) -> pb.ModelInferRequest:
+        """The ModelInferRequest of this request, every tensor in `raw_input_contents`."""
+        request = pb.ModelInferRequest(model_name=self.model, model_version=self.version)
+        if self.id:
+            request.id = self.id
+        _set_parameters(request.parameters, self.parameters)
+        for t in self.inputs:
+            out = request.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+            _set_parameters(out.parameters, t.parameters)
+        request.raw_input_contents.extend([t.raw for t in self.inputs])
+        for o in self.outputs:
+            _set_parameters(request.outputs.add(name=o.name).parameters, o.parameters)
+        return request
+
+
+def _decoded_parameters(
+    value: object,
+    what: str,
+    where: str,
+    special: str,
+    check: Callable[[object], None] | None = None,
+) -> tuple[Parameters, object]:
+    """A `parameters` object's entries, and the value of its `special` key (None if absent),
+    checked by `check` where it stands (the order in which the errors are found)."""
+    out: Parameters = {}
+    special_value: object = None
+    for key, v in _parameters(value, what).items():
+        if key == special:
+            if check is not None:
+                check(v)
+            special_value = v
+        else:
+            out[key] = (_parameter_field(key, v, where), v)
+    return out, special_value
+
+
+def _request_flag(value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidArgument("parameter 'binary_data_output' must be a boolean")
+
+
+def _output_flag(name: str) -> Callable[[object], None]:
+    def check(value: object) -> None:
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"output '{name}': 'binary_data' must be a boolean")
+
+    return check
 
 
 def decode_infer(
@@ -178,59 +277,57 @@ def decode_infer(
             )
         header, binary = view[:header_length], view[header_length:]
     doc = _object(parse_json(header, "inference request header"), "the inference request")
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    decoded = HttpInferRequest(model, version)
     rid = doc.get("id")
     if rid is not None:
         if not isinstance(rid, str):
             raise InvalidArgument("'id' must be a string")
-        request.id = rid
-    decoded = HttpInferRequest(request)
-    for key, value in _parameters(doc.get("parameters"), "the request").items():
-        if key == "binary_data_output":
-            if not isinstance(value, bool):
-                raise InvalidArgument("parameter 'binary_data_output' must be a boolean")
-            decoded.binary_outputs = value
-        else:
-            _set_parameter(request.parameters, key, value, "request")
+        decoded.id = rid
+    if "parameters" in doc:
+        params, binary_outputs = _decoded_parameters(
+            doc["parameters"], "the request", "request", "binary_data_output", _request_flag
+        )
+        if binary_outputs is not None:
+            decoded.binary_outputs = bool(binary_outputs)
+        decoded.parameters = params
     inputs = doc.get("inputs")
     if not isinstance(inputs, list):
         raise InvalidArgument("the inference request must have an 'inputs' array")
     offset = 0
-    raw = request.raw_input_contents
     for item in inputs:
         tensor = _object(item, "each of 'inputs'")
         name = tensor.get("name")
         datatype = tensor.get("datatype")
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise InvalidArgument("each input needs a string 'name' and 'datatype'")
-        shape = _shape(tensor.get("shape"), name[:64])
-        out = request.inputs.add(name=name, datatype=datatype, shape=shape)
-        size: object = None
-        for key, value in _parameters(tensor.get("parameters"), f"input '{name[:64]}'").items():
-            if key == "binary_data_size":
-                size = value
-            else:
-                _set_parameter(out.parameters, key, value, f"input '{name[:64]}'")
+        shown = name[:64]
+        shape = _shape(tensor.get("shape"), shown)
+        params, size = _decoded_parameters(
+            tensor.get("parameters"), f"input '{shown}'", f"input '{shown}'", "binary_data_size"
+        )
+        data: bytes | np.ndarray
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidArgument(
-                    f"input '{name[:64]}': 'binary_data_size' must be a non-negative integer"
+                    f"input '{shown}': 'binary_data_size' must be a non-negative integer"
                 )
             if "data" in tensor:
                 raise InvalidArgument(
-                    f"input '{name[:64]}' has both 'data' and 'binary_data_size'; send it one way"
+                    f"input '{shown}' has both 'data' and 'binary_data_size'; send it one way"
                 )
             if offset + size > len(binary):
                 raise InvalidArgument(
-                    f"input '{name[:64]}' needs {size} bytes of binary data, "
+                    f"input '{shown}' needs {size} bytes of binary data, "
                     f"{len(binary) - offset} are left after the request header"
                 )
-            raw.append(binary[offset : offset + size].tobytes())
+            # a copy: aligned for numpy, and independent of the body
+            data = binary[offset : offset + size].tobytes()
             offset += size
         elif "data" in tensor:
-            raw.append(_json_tensor_bytes(tensor["data"], datatype, shape, name[:64]))
+            data = _json_tensor(tensor["data"], datatype, shape, shown)
         else:
-            raise InvalidArgument(f"input '{name[:64]}' has neither 'data' nor binary data")
+            raise InvalidArgument(f"input '{shown}' has neither 'data' nor binary data")
+        decoded.inputs.append(HttpInput(name, datatype, shape, params, data))
     if offset != len(binary):
         raise InvalidArgument(
             f"the request has {len(binary) - offset} bytes of binary data that no input claims"
@@ -244,18 +341,13 @@ def decode_infer(
             name = wanted.get("name")
             if not isinstance(name, str):
                 raise InvalidArgument("each requested output needs a string 'name'")
-            out = request.outputs.add(name=name)
-            for key, value in _parameters(
-                wanted.get("parameters"), f"output '{name[:64]}'"
-            ).items():
-                if key == "binary_data":
-                    if not isinstance(value, bool):
-                        raise InvalidArgument(
-                            f"output '{name[:64]}': 'binary_data' must be a boolean"
-                        )
-                    decoded.output_binary[name] = value
-                else:
-                    _set_parameter(out.parameters, key, value, f"output '{name[:64]}'")
+            where = f"output '{name[:64]}'"
+            params, binary_data = _decoded_parameters(
+                wanted.get("parameters"), where, where, "binary_data", _output_flag(name[:64])
+            )
+            if binary_data is not None:
+                decoded.output_binary[name] = bool(binary_data)
+            decoded.outputs.append(HttpOutput(name, params))
     return decoded
 
 
@@ -272,6 +364,16 @@ def _bytes_values(raw: bytes) -> list[str]:
         values.append(raw[offset + 4 : offset + 4 + n].decode("utf-8", "replace"))
         offset += 4 + n
     return values
+
+
+def _body(
+    doc: dict[str, object], outputs: list[dict[str, object]], binary: list[bytes]
+) -> tuple[bytes, int | None]:
+    doc["outputs"] = outputs
+    header = dumps(doc)
+    if not binary:
+        return header, None
+    return b"".join([header, *binary]), len(header)
 
 
 def encode_infer(
@@ -307,11 +409,34 @@ def encode_infer(
         doc["id"] = response.id
     if response.parameters:
         doc["parameters"] = {k: _parameter_value(v) for k, v in response.parameters.items()}
-    doc["outputs"] = outputs
-    header = dumps(doc)
-    if not binary:
-        return header, None
-    return b"".join([header, *binary]), len(header)
+    return _body(doc, outputs, binary)
+
+
+def encode_arrays(
+    decoded: HttpInferRequest, model: str, version: str, names: list[str], arrays: list[np.ndarray]
+) -> tuple[bytes, int | None]:
+    """What `encode_infer` makes of the ModelInferResponse for these outputs, made from the
+    arrays themselves (the handler's plain path: no protobuf in between)."""
+    outputs: list[dict[str, object]] = []
+    binary: list[bytes] = []
+    for name, arr in zip(names, arrays, strict=True):
+        ttype = ANY_BY_DTYPE[arr.dtype]
+        entry: dict[str, object] = {"name": name, "datatype": ttype.name, "shape": list(arr.shape)}
+        strings = arr.dtype == _OBJECT
+        if decoded.wants_binary(name):
+            data = strings_raw(arr) if strings else arr.tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            binary.append(data)
+        elif strings:
+            entry["data"] = _bytes_values(strings_raw(arr))
+        else:
+            flat = arr.reshape(-1)  # a view, or a contiguous copy (orjson needs contiguous)
+            entry["data"] = flat.tolist() if arr.dtype == np.float16 else flat
+        outputs.append(entry)
+    doc: dict[str, object] = {"model_name": model, "model_version": version}
+    if decoded.id:
+        doc["id"] = decoded.id
+    return _body(doc, outputs, binary)
 
 
 def plain(message: Message) -> dict[str, Any]:

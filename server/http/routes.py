@@ -17,9 +17,11 @@ import logging
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 
@@ -30,10 +32,19 @@ from forseti.core.errors import (
     refusal_message,
     with_request_id,
 )
-from forseti.server.http.codec import INFER_HEADER, decode_infer, dumps, encode_infer, plain
+from forseti.server.http.codec import (
+    INFER_HEADER,
+    HttpInferRequest,
+    decode_infer,
+    dumps,
+    encode_arrays,
+    encode_infer,
+    plain,
+)
 from forseti.server.http.codec import parse_json as _parse_json
 from forseti.server.http.status import http_status
 from forseti.server.protocol.servicer import TritonServicer
+from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.security.restricted import (
     ProtocolGroup,
     RefusalHook,
@@ -66,14 +77,14 @@ class HttpCallContext:
     peer, no TLS identity, no deadline (HTTP has none; the `timeout` parameter is read from
     the request), and an abort that raises HttpAbort."""
 
-    def __init__(self, peer: str) -> None:
-        self._peer = peer
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope  # the peer is worded only when asked for (few calls ask)
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise HttpAbort(code, details)
 
     def peer(self) -> str:
-        return self._peer
+        return _peer(self._scope)
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return {}
@@ -140,6 +151,7 @@ class TritonHttpApp:
         on_refused: RefusalHook | None = None,
     ) -> None:
         self.servicer = servicer
+        self.handler = servicer.handler
         self.limits = limits
         self.on_refused = on_refused
         self.by_protocol: dict[str, ProtocolGroup] = {
@@ -167,12 +179,19 @@ class TritonHttpApp:
         await send({"type": "http.response.body", "body": answer.body})
 
     async def _answer(self, scope: Scope, receive: Receive) -> Answer:
-        found = _route(scope["method"], scope["path"])
+        method, path = scope["method"], scope["path"]
+        found = _routed.get((method, path))
+        if found is None:
+            found = _route(method, path)
+            if not isinstance(found, Answer):
+                if len(_routed) >= _ROUTED_LIMIT:
+                    _routed.clear()
+                _routed[(method, path)] = found
         if isinstance(found, Answer):
             return found
         endpoint, protocol, rpc, model, version = found
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        context = cast("grpc.aio.ServicerContext[Any, Any]", HttpCallContext(_peer(scope)))
+        context = cast("grpc.aio.ServicerContext[Any, Any]", HttpCallContext(scope))
         group = self.by_protocol.get(protocol)
         if group is not None:
             await self._check_restriction(group, headers, context, rpc)
@@ -305,8 +324,31 @@ class TritonHttpApp:
             ) from None
         except ForsetiError as exc:
             raise HttpAbort(exc.code, refusal_message("ModelInfer", exc)) from None
-        response = await self.servicer.ModelInfer(decoded.request, call.context)
-        body, json_length = encode_infer(response, decoded)
+        if decoded.parameter_free:
+            # The common case without the protobuf form: the handler takes the decoded
+            # tensors, and the outputs go straight to JSON. None: the protobuf path words why.
+            try:
+                answer = await self.handler.infer_plain(
+                    call.model,
+                    call.version,
+                    decoded.inputs,
+                    [o.name for o in decoded.outputs],
+                    partial(_encode_plain, decoded),
+                )
+            except ForsetiError as exc:
+                raise HttpAbort(exc.code, refusal_message("ModelInfer", exc)) from None
+            except Exception:
+                rid = new_request_id()
+                log.exception("unexpected error", extra={"rpc": "ModelInfer", "request_id": rid})
+                raise HttpAbort(
+                    grpc.StatusCode.INTERNAL, with_request_id("internal error", rid)
+                ) from None
+        else:
+            answer = None
+        if answer is None:
+            response = await self.servicer.ModelInfer(decoded.to_proto(), call.context)
+            answer = encode_infer(response, decoded)
+        body, json_length = answer
         if json_length is None:
             return Answer(200, body, _JSON)
         return Answer(
@@ -364,6 +406,12 @@ class TritonHttpApp:
         except ForsetiError as exc:
             raise HttpAbort(exc.code, refusal_message(rpc, exc)) from None
         return doc
+
+
+def _encode_plain(
+    decoded: HttpInferRequest, lv: LoadedVersion, names: list[str], arrays: list[np.ndarray]
+) -> tuple[bytes, int | None]:
+    return encode_arrays(decoded, lv.model, lv.version_str, names, arrays)
 
 
 def _load_parameters(request: pb.RepositoryModelLoadRequest, params: object) -> None:
@@ -452,6 +500,11 @@ _FIXED: dict[tuple[str, ...], _Route] = {
 }
 
 Routed = tuple[Endpoint, str, str, str, str]
+
+# The routes of recent (method, path) pairs: splitting and matching a path is a few
+# microseconds of every call. Bounded (it starts over when full): paths are the client's.
+_routed: dict[tuple[str, str], Routed] = {}
+_ROUTED_LIMIT = 1024
 
 
 def _route(method: str, path: str) -> Routed | Answer:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
@@ -278,6 +279,57 @@ def _decode_raw_fast(
     return feeds, batch
 
 
+class PlainTensor(Protocol):
+    """An input already split from its wire format (the HTTP front door's): name, datatype,
+    shape and its data as bytes or a flat array of the datatype's dtype."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: bytes | np.ndarray
+
+
+def decode_plain(
+    inputs: Sequence[PlainTensor], spec: ModelSpec
+) -> tuple[dict[str, np.ndarray], int] | None:
+    """`_decode_raw_fast` for inputs that have no protobuf form: parameter-free tensors of
+    fixed shape that match the config exactly. Anything else returns None, and the caller
+    takes the protobuf path, whose full check words the error."""
+    specs = spec.inputs
+    if len(inputs) != len(specs):
+        return None
+    max_batch = spec.max_batch_size
+    feeds: dict[str, np.ndarray] = {}
+    batch = -1
+    for tensor in inputs:
+        name = tensor.name
+        ts = specs.get(name)
+        if ts is None or not ts.item_nbytes or tensor.datatype != ts.ttype.name or name in feeds:
+            return None
+        shape = tuple(tensor.shape)
+        if max_batch:
+            if not shape or shape[1:] != ts.dims:
+                return None
+            b = shape[0]
+            if not 0 < b <= max_batch or (batch != -1 and b != batch):
+                return None
+        elif shape != ts.dims:
+            return None
+        else:
+            b = 1
+        data = tensor.data
+        if isinstance(data, bytes):
+            if len(data) != b * ts.item_nbytes:
+                return None
+            feeds[name] = np.ndarray(shape, ts.ttype.dtype, data)
+        else:
+            if data.nbytes != b * ts.item_nbytes or data.dtype != ts.ttype.dtype:
+                return None
+            feeds[name] = data.reshape(shape)
+        batch = b
+    return feeds, batch
+
+
 def decode_inputs(
     request: pb.ModelInferRequest, spec: ModelSpec
 ) -> tuple[dict[str, np.ndarray], int]:
@@ -444,7 +496,7 @@ def classify(
 # ---- encoding ----------------------------------------------------------------------------
 
 
-def _strings_raw(arr: np.ndarray) -> bytes:
+def strings_raw(arr: np.ndarray) -> bytes:
     """A BYTES output's raw_output_contents entry in Triton's length-prefixed layout (str
     elements as UTF-8)."""
     parts = []
@@ -501,6 +553,6 @@ class ResponseEncoder:
         response = _FromString(template)
         response.id = request_id
         response.raw_output_contents.extend(
-            [arr.tobytes() if arr.dtype is not _OBJECT else _strings_raw(arr) for arr in results]
+            [arr.tobytes() if arr.dtype is not _OBJECT else strings_raw(arr) for arr in results]
         )
         return response
