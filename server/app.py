@@ -26,6 +26,7 @@ from forseti.server.dataplane import DEFAULT_DATA_PLANE, DataPlaneError, use_nat
 from forseti.server.health import ServingHealth
 from forseti.server.http.routes import HttpLimits, TritonHttpApp
 from forseti.server.http.server import (
+    HttpFrontDoor,
     HttpStartError,
     TransportLimits,
     http_control_guard,
@@ -193,6 +194,10 @@ class Service:
     def servicer(self) -> TritonServicer:
         """The gRPC front door over these parts."""
         return TritonServicer(self.registry, self.state, self.handler, self.control)
+
+    def busy(self) -> bool:
+        """A request is being handled (an inference or a load/unload, either front door)."""
+        return self.handler.inflight > 0 or self.control.running > 0
 
 
 def assemble(
@@ -474,12 +479,7 @@ async def serve(options: ServerOptions) -> int:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    if http_door is None:
-        await server.stop(options.exit_timeout_secs)
-    else:
-        await asyncio.gather(
-            server.stop(options.exit_timeout_secs), http_door.stop(options.exit_timeout_secs)
-        )
+    await _stop_front_doors(service, server, http_door, options.exit_timeout_secs, native)
     registry.release_all()
     if audit.enabled:
         await audit.flush()  # counts still in their window
@@ -487,6 +487,44 @@ async def serve(options: ServerOptions) -> int:
         audit.close()
     log.info("stopped")
     return 0
+
+
+# Once no request is being handled, how long a stop still leaves connections to deliver the
+# last answers before it closes them.
+SETTLE_S = 1.0
+
+
+async def _stop_front_doors(
+    service: Service,
+    server: grpc.aio.Server,
+    http_door: HttpFrontDoor | None,
+    grace_s: float,
+    native: bool,
+) -> None:
+    """Stop both front doors: no new calls, the requests being handled get up to `grace_s`.
+
+    The grace is for requests being handled, not for connections: one that sent part of a
+    request (or nothing) and stalls held the stop to the whole grace, or ~20 s with gRPC,
+    which waits that long for a peer to answer its GOAWAY ping. So once nothing is handled
+    (and SETTLE_S has passed for the answers to go out), the connections left are closed."""
+    stops = [asyncio.create_task(server.stop(grace_s))]
+    if http_door is not None:
+        stops.append(asyncio.create_task(http_door.stop(grace_s)))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    # Calls accepted just before the stop reach their handler.
+    await asyncio.sleep(min(0.1, grace_s))
+    while service.busy() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    settle = max(0.0, min(SETTLE_S, deadline - loop.time()))
+    _, pending = await asyncio.wait(stops, timeout=settle)
+    if pending:
+        log.info("stopping: requests answered; closing the connections still open")
+        if not native:
+            await server.stop(0)  # gRPC: a second, shorter grace replaces the first
+        if http_door is not None:
+            http_door.end_grace()
+    await asyncio.gather(*stops)
 
 
 def run(options: ServerOptions) -> int:

@@ -125,6 +125,7 @@ class ModelControl:
         # Served with --allow-unauthenticated-control on a reachable address: every audit
         # record of a control call says so, so the log shows which calls nobody vouched for.
         self.unauthenticated = unauthenticated
+        self.running = 0  # loads and unloads under way (a stop lets them finish)
 
     async def _record(
         self, event: str, caller: CallerIdentity, result: str, message: str = "", **what: object
@@ -284,6 +285,7 @@ class ModelControl:
                 rpc, ForsetiError(AUDIT_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE), request_id
             )
             raise Refused(message, grpc.StatusCode.UNAVAILABLE) from None
+        self.running += 1
         try:
             await run()
         except ForsetiError as exc:
@@ -295,6 +297,8 @@ class ModelControl:
         except Exception:
             await self._record(event, caller, _INTERNAL, model=shown_model, request_id=request_id)
             raise
+        finally:
+            self.running -= 1
         await self._record(event, caller, _OK, model=shown_model, request_id=request_id)
 
     @staticmethod

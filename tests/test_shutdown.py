@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -100,3 +101,48 @@ def test_server_refuses_new_calls_once_stopped(slow_repo: Path, start_server) ->
     client = grpcclient.InferenceServerClient(server.url)
     with pytest.raises(grpcclient.InferenceServerException):
         client.is_server_live(client_timeout=2)
+
+
+# HTTP/2's client preface and an empty SETTINGS frame, then the 9-byte header of a HEADERS
+# frame (stream 1, END_HEADERS) announcing 100 bytes of which only 2 ever arrive: a request
+# that never finishes arriving.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04\x00" + bytes(4)
+PARTIAL_HEADERS = (100).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + b"\x82\x86"
+# An HTTP/1.1 request whose head is complete and whose body stops after 4 of 100 bytes.
+PARTIAL_BODY = b'POST /v2/models/x/infer HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{"in'
+DRAIN_S = 1.0
+
+
+def _stop_time_with_a_stalled_connection(server, port: int, sent: bytes) -> float:
+    """Seconds from SIGTERM to exit while a connection has sent `sent` and stalls."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+        stalled.sendall(sent)
+        time.sleep(0.3)  # the server has read what was sent
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.log()
+        took = time.monotonic() - started
+        return took
+
+
+@pytest.fixture
+def idle_server(tmp_path: Path, start_server):
+    """A server on an empty repository, draining DRAIN_S on a stop, with the default (long)
+    --exit-timeout-secs that running requests may use."""
+    repo = tmp_path / "empty"
+    repo.mkdir()
+    return start_server(repo, "--drain-seconds", str(DRAIN_S))
+
+
+def test_a_stalled_grpc_connection_does_not_hold_the_stop(idle_server) -> None:
+    # Held ~20 s before: gRPC waited for the stalled peer to answer its GOAWAY ping.
+    took = _stop_time_with_a_stalled_connection(
+        idle_server, idle_server.grpc_port, H2_PREFACE + PARTIAL_HEADERS
+    )
+    assert took < DRAIN_S + 5, took
+
+
+def test_a_half_sent_http_request_does_not_hold_the_stop(idle_server) -> None:
+    # Held until the body timeout (--http-request-timeout-secs, 30 s) before.
+    took = _stop_time_with_a_stalled_connection(idle_server, idle_server.http_port, PARTIAL_BODY)
+    assert took < DRAIN_S + 5, took

@@ -198,6 +198,12 @@ class HttpFrontDoor:
         self.server.config.timeout_graceful_shutdown = max(1, int(grace_s))
         await self.server.shutdown(sockets=[self.sock])
 
+    def end_grace(self) -> None:
+        """End a running stop's wait for open connections now: the requests being handled
+        have answered, and what is left (a request whose bytes never finished arriving)
+        must not hold the stop to the whole grace."""
+        self.server.force_exit = True
+
 
 async def start_http(
     app: AsgiApp,
