@@ -227,6 +227,22 @@ def test_no_outputs_named_returns_every_output_in_binary(
     assert all(o["parameters"]["binary_data_size"] == 64 for o in outputs)
 
 
+def test_the_plain_path_answers_as_the_protobuf_path(server: ServerProcess) -> None:
+    # A request without parameters skips the protobuf form (InferenceHandler.infer_plain);
+    # a request parameter sends it through the servicer. Both must answer the same body.
+    doc = {
+        "id": "same",
+        "inputs": [{"name": "obs", "shape": [2, 8], "datatype": "FP32", "data": [0.5] * 16}],
+        "outputs": [{"name": "logits"}, {"name": "action"}],
+    }
+    plain = raw(server, "POST", "/v2/models/policy/infer", json.dumps(doc).encode())
+    doc["parameters"] = {"priority": 0}
+    via_proto = raw(server, "POST", "/v2/models/policy/infer", json.dumps(doc).encode())
+    assert plain[0] == via_proto[0] == 200
+    assert plain[1] == via_proto[1]
+    assert [o["shape"] for o in plain[1]["outputs"]] == [[2, 4], [2, 1]]
+
+
 def test_a_bad_input_gets_the_same_text_as_over_grpc(
     server: ServerProcess, client: httpclient.InferenceServerClient
 ) -> None:

@@ -1,10 +1,14 @@
-"""KServe v2 REST bodies <-> the protobuf messages the gRPC front door uses.
+"""KServe v2 REST bodies <-> tensors, and the protobuf messages the gRPC front door uses.
 
 An HTTP inference request (JSON, or JSON followed by binary tensors as Triton's binary data
-extension sends them) becomes a `ModelInferRequest` with every tensor in
-`raw_input_contents`, so it reaches the same handler, validation and error texts as a gRPC
-call. The `ModelInferResponse` comes back as JSON, or JSON followed by binary outputs where
-the request asked for them (`binary_data_output`, or an output's `binary_data`).
+extension sends them) is decoded into an `HttpInferRequest` of plain inputs. Without request,
+input or output parameters it goes to the handler as it is (`InferenceHandler.infer_plain`)
+and its outputs come back through `encode_arrays`; otherwise, or where the plain path declines
+it, `to_proto()` makes it the `ModelInferRequest` with every tensor in `raw_input_contents`, so
+it reaches the same handler, validation and error texts as a gRPC call, and the
+`ModelInferResponse` goes out through `encode_infer`. Either way the answer is JSON, or JSON
+followed by binary outputs where the request asked for them (`binary_data_output`, or an
+output's `binary_data`).
 
 Only what is specific to the wire format is checked here: the JSON itself, the binary
 section's sizes, and whether a tensor's `data` holds values of its datatype; shapes, byte
@@ -84,9 +88,8 @@ def _parameters(value: object, what: str) -> dict[str, Any]:
 
 
 def _shape(value: object, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in value
-    ):
+    # type() is int: neither a bool nor any other int subclass (orjson makes plain ints)
+    if not isinstance(value, list) or not all(type(d) is int for d in value):
         raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers")
     if any(not -(2**63) <= d < 2**63 for d in value):
         raise InvalidArgument(f"input '{name}': 'shape' has a dimension out of range")
@@ -302,9 +305,13 @@ def decode_infer(
             raise InvalidArgument("each input needs a string 'name' and 'datatype'")
         shown = name[:64]
         shape = _shape(tensor.get("shape"), shown)
-        params, size = _decoded_parameters(
-            tensor.get("parameters"), f"input '{shown}'", f"input '{shown}'", "binary_data_size"
-        )
+        tensor_params: Parameters = {}
+        size: object = None
+        if tensor.get("parameters") is not None:
+            where = f"input '{shown}'"
+            tensor_params, size = _decoded_parameters(
+                tensor["parameters"], where, where, "binary_data_size"
+            )
         data: bytes | np.ndarray
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -327,7 +334,7 @@ def decode_infer(
             data = _json_tensor(tensor["data"], datatype, shape, shown)
         else:
             raise InvalidArgument(f"input '{shown}' has neither 'data' nor binary data")
-        decoded.inputs.append(HttpInput(name, datatype, shape, params, data))
+        decoded.inputs.append(HttpInput(name, datatype, shape, tensor_params, data))
     if offset != len(binary):
         raise InvalidArgument(
             f"the request has {len(binary) - offset} bytes of binary data that no input claims"

@@ -4,7 +4,10 @@ Each endpoint converts the HTTP request into the gRPC front door's protobuf requ
 the same `TritonServicer` method (so routing, validation, statistics, audit records, limits
 and error texts are the gRPC ones), and converts its answer. A servicer refusal arrives as
 `HttpAbort` from `HttpCallContext.abort` and goes out as Triton's `{"error": "..."}` body
-with the HTTP status of its code (status.py).
+with the HTTP status of its code (status.py). The one exception is the common inference
+request, with no parameters: it goes to the servicer's handler without its protobuf form
+(`InferenceHandler.infer_plain`, the same routing, statistics and limits), and whatever that
+path declines takes the protobuf one, whose checks word the error.
 
 Restricted API groups (`--http-restricted-api`) are checked before anything is read.
 """
@@ -180,16 +183,15 @@ class TritonHttpApp:
 
     async def _answer(self, scope: Scope, receive: Receive) -> Answer:
         method, path = scope["method"], scope["path"]
-        found = _routed.get((method, path))
-        if found is None:
+        routed = _routed.get((method, path))
+        if routed is None:
             found = _route(method, path)
-            if not isinstance(found, Answer):
-                if len(_routed) >= _ROUTED_LIMIT:
-                    _routed.clear()
-                _routed[(method, path)] = found
-        if isinstance(found, Answer):
-            return found
-        endpoint, protocol, rpc, model, version = found
+            if isinstance(found, Answer):
+                return found
+            if len(_routed) >= _ROUTED_LIMIT:
+                _routed.clear()
+            routed = _routed[(method, path)] = found
+        endpoint, protocol, rpc, model, version = routed
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         context = cast("grpc.aio.ServicerContext[Any, Any]", HttpCallContext(scope))
         group = self.by_protocol.get(protocol)
