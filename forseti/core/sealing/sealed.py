@@ -200,7 +200,8 @@ class _ChunkOpener:
         self._index = 0
         self._finished = False
 
-    def open_chunk(self, sealed_chunk: bytes | memoryview, final: bool) -> bytes:
+    def _check_next(self, sealed_chunk: bytes | memoryview, final: bool) -> tuple[bytes, bytes]:
+        """Refuse a chunk that cannot be the next one; return its nonce and associated data."""
         i = self._index
         if self._finished:
             raise SealError(AUTH_FAILED, f"data after the final chunk {i - 1}")
@@ -211,14 +212,19 @@ class _ChunkOpener:
             raise SealError(AUTH_FAILED, f"chunk {i} has an impossible length")
         if not final and size != self._chunk_size + TAG_BYTES:
             raise SealError(AUTH_FAILED, f"chunk {i} is short")
-        try:
-            plain = self._aead.decrypt(
-                _chunk_nonce(self._prefix, i), sealed_chunk, _chunk_aad(self._ad, i, final)
-            )
-        except InvalidTag:
-            raise SealError(AUTH_FAILED, f"chunk {i}") from None
+        return _chunk_nonce(self._prefix, i), _chunk_aad(self._ad, i, final)
+
+    def _advance(self, final: bool) -> None:
         self._index += 1
         self._finished = final
+
+    def open_chunk(self, sealed_chunk: bytes | memoryview, final: bool) -> bytes:
+        nonce, aad = self._check_next(sealed_chunk, final)
+        try:
+            plain = self._aead.decrypt(nonce, sealed_chunk, aad)
+        except InvalidTag:
+            raise SealError(AUTH_FAILED, f"chunk {self._index}") from None
+        self._advance(final)
         return plain
 
     def open_chunk_into(
@@ -226,26 +232,15 @@ class _ChunkOpener:
     ) -> None:
         """Like open_chunk, decrypting into ``out`` (exactly the chunk's plaintext length).
         On failure ``out`` holds garbage: the caller drops the whole buffer."""
-        i = self._index
-        if self._finished:
-            raise SealError(AUTH_FAILED, f"data after the final chunk {i - 1}")
-        if i >= MAX_CHUNKS:
-            raise SealError(AUTH_FAILED, "too many chunks")
-        size = len(sealed_chunk)
-        if size < TAG_BYTES or size > self._chunk_size + TAG_BYTES:
-            raise SealError(AUTH_FAILED, f"chunk {i} has an impossible length")
-        if not final and size != self._chunk_size + TAG_BYTES:
-            raise SealError(AUTH_FAILED, f"chunk {i} is short")
-        nonce, aad = _chunk_nonce(self._prefix, i), _chunk_aad(self._ad, i, final)
+        nonce, aad = self._check_next(sealed_chunk, final)
         try:
             if _HAS_DECRYPT_INTO:
                 self._aead.decrypt_into(nonce, sealed_chunk, aad, out)
             else:  # cryptography before decrypt_into: one chunk-sized temporary
                 out[:] = self._aead.decrypt(nonce, sealed_chunk, aad)
         except InvalidTag:
-            raise SealError(AUTH_FAILED, f"chunk {i}") from None
-        self._index += 1
-        self._finished = final
+            raise SealError(AUTH_FAILED, f"chunk {self._index}") from None
+        self._advance(final)
 
 
 # Recent cryptography releases decrypt into a caller's buffer (51 here); older ones return bytes.
