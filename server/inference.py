@@ -28,7 +28,8 @@ from forseti.server.protocol.tensors import (
 from forseti.server.registry.lifecycle import LifecycleEvent, VersionReleased
 from forseti.server.registry.loaded_version import LoadedVersion
 from forseti.server.registry.model_registry import ModelRegistry
-from forseti.server.scheduler.base import NO_OPTIONS
+from forseti.server.scheduler.base import NO_OPTIONS, Execution
+from forseti.server.stats import VersionStats
 
 _now_ns = time.monotonic_ns
 T = TypeVar("T")
@@ -53,11 +54,7 @@ class InferenceHandler:
         While it runs, the version counts it as in flight, so a swap drains it before the
         version is released."""
         start = _now_ns()
-        lv = self._route(request.model_name, request.model_version)
-        if self.max_inflight and self.inflight >= self.max_inflight:
-            raise ResourceExhausted(
-                f"server is at its limit of {self.max_inflight} in-flight requests; retry later"
-            )
+        lv = self._admit(request.model_name, request.model_version)
         stats = lv.stats
         lv.acquire()
         self.inflight += 1
@@ -87,15 +84,7 @@ class InferenceHandler:
         finally:
             self.inflight -= 1
             lv.release()
-        stats.record_success(
-            end - start,
-            done.queue_ns,
-            decoded - start,
-            done.infer_ns,
-            end - answered,
-            done.executed,
-            time.time_ns() // 1_000_000,
-        )
+        _record_success(stats, done, start, decoded, answered, end)
         return response
 
     async def infer_plain(
@@ -113,11 +102,7 @@ class InferenceHandler:
         output names. Anything else returns None before anything is counted, and the caller
         sends the request's protobuf form to `infer`, whose checks word the error."""
         start = _now_ns()
-        lv = self._route(model, version)
-        if self.max_inflight and self.inflight >= self.max_inflight:
-            raise ResourceExhausted(
-                f"server is at its limit of {self.max_inflight} in-flight requests; retry later"
-            )
+        lv = self._admit(model, version)
         spec = lv.spec
         fast = decode_plain(inputs, spec)
         if fast is None:
@@ -144,18 +129,34 @@ class InferenceHandler:
         finally:
             self.inflight -= 1
             lv.release()
-        stats.record_success(
-            end - start,
-            done.queue_ns,
-            decoded - start,
-            done.infer_ns,
-            end - answered,
-            done.executed,
-            time.time_ns() // 1_000_000,
-        )
+        _record_success(stats, done, start, decoded, answered, end)
         return answer
+
+    def _admit(self, model: str, version: str) -> LoadedVersion:
+        """The version a request routes to, unless the server is at its in-flight limit."""
+        lv = self._route(model, version)
+        if self.max_inflight and self.inflight >= self.max_inflight:
+            raise ResourceExhausted(
+                f"server is at its limit of {self.max_inflight} in-flight requests; retry later"
+            )
+        return lv
 
     async def on_event(self, event: LifecycleEvent) -> None:
         """A released version's encoder goes with it."""
         if isinstance(event, VersionReleased):
             self._encoders.pop(event.loaded, None)
+
+
+def _record_success(
+    stats: VersionStats, done: Execution, start: int, decoded: int, answered: int, end: int
+) -> None:
+    """One answered request in the version's statistics (times from `_now_ns`)."""
+    stats.record_success(
+        end - start,
+        done.queue_ns,
+        decoded - start,
+        done.infer_ns,
+        end - answered,
+        done.executed,
+        time.time_ns() // 1_000_000,
+    )

@@ -239,6 +239,20 @@ def _strings_from_contents(values: list[bytes], name: str, model: str, count: in
     return out
 
 
+def _fast_batch(shape: tuple[int, ...], ts: TensorSpec, max_batch: int, batch: int) -> int | None:
+    """The batch size of a tensor of exactly its configured shape (1 for a model without
+    batching), agreeing with the request's other inputs (`batch`, -1 before the first); None
+    when it is not the common case."""
+    if max_batch:
+        if not shape or shape[1:] != ts.dims:
+            return None
+        b = shape[0]
+        if not 0 < b <= max_batch or (batch != -1 and b != batch):
+            return None
+        return b
+    return 1 if shape == ts.dims else None
+
+
 def _decode_raw_fast(
     request: pb.ModelInferRequest, spec: ModelSpec
 ) -> tuple[dict[str, np.ndarray], int] | None:
@@ -261,16 +275,9 @@ def _decode_raw_fast(
         ):
             return None
         shape = tuple(tensor.shape)
-        if max_batch:
-            if not shape or shape[1:] != ts.dims:
-                return None
-            b = shape[0]
-            if not 0 < b <= max_batch or (batch != -1 and b != batch):
-                return None
-        elif shape != ts.dims:
+        b = _fast_batch(shape, ts, max_batch, batch)
+        if b is None:
             return None
-        else:
-            b = 1
         if len(data) != b * ts.item_nbytes:
             return None
         # One constructor call over the request's bytes (no copy; read-only like frombuffer).
@@ -307,16 +314,9 @@ def decode_plain(
         if ts is None or not ts.item_nbytes or tensor.datatype != ts.ttype.name or name in feeds:
             return None
         shape = tuple(tensor.shape)
-        if max_batch:
-            if not shape or shape[1:] != ts.dims:
-                return None
-            b = shape[0]
-            if not 0 < b <= max_batch or (batch != -1 and b != batch):
-                return None
-        elif shape != ts.dims:
+        b = _fast_batch(shape, ts, max_batch, batch)
+        if b is None:
             return None
-        else:
-            b = 1
         data = tensor.data
         if isinstance(data, bytes):
             if len(data) != b * ts.item_nbytes:
