@@ -28,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from forseti.server.http.routes import Receive, Scope, Send
 from forseti.server.security.restricted import RestrictedProtocols
-from forseti.server.security.tls import TlsError, is_loopback, load_server_pair
+from forseti.server.security.tls import is_loopback, server_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +154,7 @@ def protocol_class(limits: TransportLimits) -> type[HttpToolsProtocol]:
 
 def http_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     """TLS 1.2+ server context for --http-ssl-cert/--http-ssl-key; None without them."""
-    if cert is None and key is None:
-        return None
-    load_server_pair(cert, key, "--http-ssl-cert", "--http-ssl-key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
-    except (ssl.SSLError, OSError) as exc:
-        raise TlsError(f"--http-ssl-cert {cert}: {exc.__class__.__name__}") from None
-    return context
+    return server_ssl_context(cert, key, "--http-ssl-cert", "--http-ssl-key")
 
 
 def _bind(address: str, port: int) -> socket.socket:

@@ -165,20 +165,27 @@ def grpc_server_credentials(options: GrpcTlsOptions) -> grpc.ServerCredentials |
     )
 
 
-def metrics_ssl_context(cert_path: Path | None, key_path: Path | None) -> ssl.SSLContext | None:
-    """A server-side TLS context (TLS 1.2 or newer) for the metrics endpoint; None when
-    neither file is given."""
+def server_ssl_context(
+    cert_path: Path | None, key_path: Path | None, cert_flag: str, key_flag: str
+) -> ssl.SSLContext | None:
+    """A server-side TLS context (TLS 1.2 or newer) from a certificate and key given by the
+    named flags; None when neither file is given."""
     if cert_path is None and key_path is None:
         return None
     # Checked here for clear messages; the ssl module then reads the files itself.
-    load_server_pair(cert_path, key_path, "--metrics-ssl-cert", "--metrics-ssl-key")
+    load_server_pair(cert_path, key_path, cert_flag, key_flag)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(certfile=str(cert_path), keyfile=str(key_path))
     except (ssl.SSLError, OSError) as exc:
-        raise TlsError(f"--metrics-ssl-cert {cert_path}: {exc.__class__.__name__}") from None
+        raise TlsError(f"{cert_flag} {cert_path}: {exc.__class__.__name__}") from None
     return context
+
+
+def metrics_ssl_context(cert_path: Path | None, key_path: Path | None) -> ssl.SSLContext | None:
+    """The metrics endpoint's TLS context; None when neither file is given."""
+    return server_ssl_context(cert_path, key_path, "--metrics-ssl-cert", "--metrics-ssl-key")
 
 
 def is_loopback(address: str) -> bool:
