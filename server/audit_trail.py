@@ -9,6 +9,7 @@ costs a few records, not one fsync each."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -84,12 +85,9 @@ class AuditTrail:
         return self.audit is not None
 
     async def record(self, event: str, **fields: object) -> None:
-        if self.audit is None:
-            return
-        try:
-            await self.audit.arecord(event, **fields)
-        except AuditError as exc:
-            log.error("audit write failed", extra={"event": event, "error": str(exc)})
+        """Write a record; a failure is logged (by record_before_change) and not raised."""
+        with contextlib.suppress(AuditError):
+            await self.record_before_change(event, **fields)
 
     async def record_before_change(self, event: str, **fields: object) -> None:
         """Write a record that must exist before a change is made; raises AuditError (logged
